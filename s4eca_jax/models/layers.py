@@ -1,0 +1,149 @@
+"""Transformer building blocks shared by the image and text encoders and the decoder.
+
+Parameter names follow Flax conventions (`kernel`, `bias`, `scale`, `embedding`); the
+mapping to Hugging Face names lives in hf_weights.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu": exact erf form.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}; known: {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with separate query/key/value projections (as in HF checkpoints).
+
+  `mask` is boolean, True where attention is allowed, broadcastable to (B, heads, Tq, Tk).
+  """
+
+  num_heads: int
+  out_features: int | None = None
+  qkv_features: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, is_causal=False):
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    features = self.qkv_features or inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"width {features} is not divisible by num_heads={self.num_heads}.")
+    head_dim = features // self.num_heads
+    dense = lambda name, n: nn.Dense(n, dtype=self.dtype, name=name)
+    split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
+    query = split(dense("query", features)(inputs_q))  # (B, Tq, heads, head_dim)
+    key = split(dense("key", features)(inputs_kv))  # (B, Tk, heads, head_dim)
+    value = split(dense("value", features)(inputs_kv))
+    out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal)
+    out = out.reshape(out.shape[:-2] + (features,))
+    return dense("out", self.out_features or inputs_q.shape[-1])(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP: fc1 -> activation -> fc2."""
+
+  hidden_dim: int
+  act: str = "gelu"
+  out_dim: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_dim = self.out_dim or x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+    x = activation(self.act)(x)
+    return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(x)
+
+
+class LayerScale(nn.Module):
+  """Per-channel scale on a residual branch (DINOv2)."""
+
+  init_value: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("lambda1", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+  """(B, Tk) 0/1 key mask -> boolean (B, 1, 1, Tk) attention mask."""
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------
+# Position-embedding resampling, numerically identical to torch.nn.functional.interpolate
+# (mode="bicubic", align_corners=False), with and without antialias. Hugging Face DINOv2 and
+# CLIP use the plain form; DINOv2-with-registers uses antialias=True.
+# ---------------------------------------------------------------------------
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
+  """(out_size, in_size) resampling matrix along one axis, as PyTorch computes it."""
+  scale = in_size / out_size
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    if not antialias:
+      # a = -0.75, 4 taps, borders clamped.
+      src = (i + 0.5) * scale - 0.5
+      base = int(np.floor(src))
+      t = src - base
+      for offset in range(-1, 3):
+        j = min(max(base + offset, 0), in_size - 1)
+        matrix[i, j] += _cubic(np.array(t - offset), -0.75)
+    else:
+      # PIL-style separable filter: a = -0.5, support widened when downsampling, taps
+      # outside the input dropped and the rest renormalised.
+      support = 2.0 * max(scale, 1.0)
+      inv = 1.0 / max(scale, 1.0)
+      center = scale * (i + 0.5)
+      lo = max(int(center - support + 0.5), 0)
+      hi = min(int(center + support + 0.5), in_size)
+      taps = np.arange(lo, hi)
+      weights = _cubic((taps - center + 0.5) * inv, -0.5)
+      matrix[i, lo:hi] = weights / weights.sum()
+  return matrix
+
+
+def resize_grid(grid: jax.Array, out_hw: tuple[int, int], antialias: bool) -> jax.Array:
+  """Bicubically resamples a (1, H, W, D) grid of embeddings to (1, h, w, D), in f32."""
+  _, height, width, _ = grid.shape
+  if (height, width) == tuple(out_hw):
+    return grid
+  rows = jnp.asarray(bicubic_matrix(height, out_hw[0], antialias), jnp.float32)
+  cols = jnp.asarray(bicubic_matrix(width, out_hw[1], antialias), jnp.float32)
+  dtype = grid.dtype
+  grid = grid.astype(jnp.float32)
+  out = jnp.einsum("ih,bhwd,jw->bijd", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
+  return out.astype(dtype)

@@ -1,0 +1,176 @@
+"""Frozen text encoders: the CLIP text tower and the BERT family (e.g. MiniLM).
+
+Both take `input_ids` and `attention_mask` (B, L) int arrays from s4eca_jax.tokenize and
+return
+    {"tokens": (B, L, C) final word tokens, "sentence": (B, C') sentence vector,
+     "taps": {k: (B, L, C) tokens after block k (1-based)}, "adapter_state": ...}.
+CLIP: causal + padding mask, final LayerNorm, sentence = text_projection(EOT token).
+BERT: post-LN blocks, token types, sentence = mean over valid tokens ("mean"), the [CLS]
+token ("cls") or the tanh pooler ("pooler").
+
+Adapter hook: after each block k in `adapter_blocks` the encoder calls
+    tokens, adapter_state = adapter(name="adapter")(tokens, attention_mask, adapter_state)
+with adapter_state None at the first such block; the last state is returned. The adapter
+after block k has its parameters at `adapter_{k}/...`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s4eca_jax.models import layers
+
+
+def masked_mean(tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Mean over valid tokens: (B, L, C), (B, L) -> (B, C)."""
+  weights = attention_mask.astype(tokens.dtype)[..., None]
+  return (tokens * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+
+class _AdapterHook(nn.Module):
+  """Shared adapter-hook plumbing for the text encoders."""
+
+  def run_blocks(self, x, attention_mask, make_block, taps):
+    tapped, state = {}, None
+    for k in range(1, self.depth + 1):
+      x = make_block(k)(x)
+      if self.adapter is not None and k in self.adapter_blocks:
+        x, state = self.adapter(name=f"adapter_{k}")(x, attention_mask, state)
+      if k in taps:
+        tapped[k] = x
+    return x, tapped, state
+
+
+class ClipTextBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  act: str
+  layer_norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+    x = x + layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
+        norm("norm1")(x), mask=mask)
+    return x + layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(norm("norm2")(x))
+
+
+class ClipTextEncoder(_AdapterHook):
+  """CLIP text transformer (pre-LN, causal) with optional text_projection."""
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  max_positions: int = 77
+  projection_dim: int | None = 512  # None: no text_projection (CLIPTextModel)
+  eos_token_id: int = 2
+  layer_norm_eps: float = 1e-5
+  act: str = "quick_gelu"
+  adapter: Callable[..., nn.Module] | None = None
+  adapter_blocks: Sequence[int] = ()
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, *, taps: Sequence[int] = ()):
+    length = input_ids.shape[1]
+    x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(input_ids)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.01),
+                     (self.max_positions, self.width))
+    x = (x + pos[None, :length]).astype(self.dtype)
+
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = layers.padding_mask(attention_mask) & causal[None, None]  # (B, 1, L, L)
+    block_cls = nn.remat(ClipTextBlock) if self.remat else ClipTextBlock
+    make_block = lambda k: (lambda h: block_cls(
+        self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, self.dtype,
+        name=f"block_{k}")(h, mask))
+    x, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
+    tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
+
+    if self.eos_token_id == 2:
+      # Legacy HF CLIP configs: EOT is the largest id in the vocabulary.
+      eot = jnp.argmax(input_ids, axis=-1)
+    else:
+      eot = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
+    sentence = jnp.take_along_axis(tokens, eot[:, None, None], axis=1)[:, 0]  # (B, C)
+    if self.projection_dim is not None:
+      sentence = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                          name="text_projection")(sentence)
+    return {"tokens": tokens, "sentence": sentence, "taps": tapped, "adapter_state": state}
+
+
+class BertBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  act: str
+  layer_norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+    x = norm("attn_norm")(
+        x + layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(x, mask=mask))
+    return norm("mlp_norm")(x + layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(x))
+
+
+POOLINGS = ("mean", "cls", "pooler")
+
+
+class BertEncoder(_AdapterHook):
+  """BERT encoder (post-LN, absolute positions, token types)."""
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  act: str = "gelu"
+  pooling: str = "mean"
+  use_pooler: bool = True  # the checkpoint has pooler.dense
+  adapter: Callable[..., nn.Module] | None = None
+  adapter_blocks: Sequence[int] = ()
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
+               taps: Sequence[int] = ()):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLINGS}.")
+    if self.pooling == "pooler" and not self.use_pooler:
+      raise ValueError("pooling='pooler' needs use_pooler=True (a checkpoint with pooler.dense).")
+    length = input_ids.shape[1]
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = (nn.Embed(self.vocab_size, self.width, name="word_embedding")(input_ids)
+         + nn.Embed(self.max_positions, self.width, name="pos_embedding")(jnp.arange(length))[None]
+         + nn.Embed(self.type_vocab_size, self.width, name="type_embedding")(token_type_ids))
+    x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
+
+    mask = layers.padding_mask(attention_mask)  # (B, 1, 1, L)
+    block_cls = nn.remat(BertBlock) if self.remat else BertBlock
+    make_block = lambda k: (lambda h: block_cls(
+        self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, self.dtype,
+        name=f"block_{k}")(h, mask))
+    tokens, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
+
+    out = {"tokens": tokens, "taps": tapped, "adapter_state": state}
+    if self.use_pooler:
+      out["pooler_output"] = jnp.tanh(
+          nn.Dense(self.width, dtype=self.dtype, name="pooler")(tokens[:, 0]))
+    out["sentence"] = {"mean": lambda: masked_mean(tokens, attention_mask),
+                       "cls": lambda: tokens[:, 0],
+                       "pooler": lambda: out["pooler_output"]}[self.pooling]()
+    return out
