@@ -42,10 +42,17 @@ def _pad_token(folder: Path) -> str | None:
   return None
 
 
+_SLOW_FILES = ("vocab.txt", "vocab.json")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+  return any((Path(folder) / name).exists() for name in ("tokenizer.json",) + _SLOW_FILES)
+
+
 def _backend_tokenizer(folder: Path) -> tokenizers.Tokenizer:
   if (folder / "tokenizer.json").exists():
     return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-  if any((folder / name).exists() for name in ("vocab.txt", "vocab.json")):
+  if any((folder / name).exists() for name in _SLOW_FILES):
     # Slow-tokenizer files only (vocab.txt for BERT, vocab.json + merges.txt for CLIP):
     # transformers converts them to the same fast `tokenizers` backend.
     import transformers  # pylint: disable=g-import-not-at-top

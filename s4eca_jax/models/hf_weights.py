@@ -91,19 +91,23 @@ class Kind:
   """One supported checkpoint kind: tower prefixes, rename rules, keys we knowingly skip."""
 
   name: str
-  prefixes: tuple[str, ...]  # tried in order; the first that matches the checkpoint wins
+  prefixes: tuple[str, ...]  # tried in order; the first with `signature` present wins
+  signature: str  # a tensor every checkpoint of this kind has (relative to the prefix)
   rules: list
   ignore: str  # regex (full key) of tensors that are not ours to load
 
 
 KINDS = {
-    "dinov2": Kind("dinov2", ("", "dinov2."), _DINOV2,
+    "dinov2": Kind("dinov2", ("", "dinov2."), "embeddings.cls_token", _DINOV2,
                    r"(dinov2\.)?embeddings\.mask_token|classifier\..*"),
-    "clip_vision": Kind("clip_vision", ("vision_model.",), _CLIP_VISION,
+    "clip_vision": Kind("clip_vision", ("vision_model.", ""), "embeddings.class_embedding",
+                        _CLIP_VISION,
                         r"text_model\..*|.*position_ids|logit_scale|visual_projection\..*|text_projection\..*"),
-    "clip_text": Kind("clip_text", ("text_model.",), _CLIP_TEXT,
+    "clip_text": Kind("clip_text", ("text_model.", ""), "embeddings.token_embedding.weight",
+                      _CLIP_TEXT,
                       r"vision_model\..*|.*position_ids|logit_scale|visual_projection\..*"),
-    "bert": Kind("bert", ("", "bert."), _BERT, r".*position_ids|cls\..*|classifier\..*|qa_outputs\..*"),
+    "bert": Kind("bert", ("", "bert."), "embeddings.word_embeddings.weight", _BERT,
+                 r".*position_ids|cls\..*|classifier\..*|qa_outputs\..*"),
 }
 
 _PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
@@ -213,16 +217,23 @@ def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any
     the checkpoint must provide every leaf. Raises CheckpointMismatchError naming each
     missing, mis-shaped or unexpected tensor.
   """
+  if kind not in KINDS:
+    raise ValueError(f"Unknown kind {kind!r}; known: {sorted(KINDS)}.")
   spec = KINDS[kind]
+  expected = MODULES[kind]
+  family = getattr(module, "family", None)
+  if not isinstance(module, expected) or (family and not kind.startswith(family)):
+    raise ValueError(f"kind={kind!r} loads into {expected.__name__}"
+                     f"{'' if family is None else ' of a matching family'}, not "
+                     f"{type(module).__name__}{'' if family is None else f'(family={family!r})'}.")
   tensors = read_checkpoint(folder) if tensors is None else tensors
   target = flax.traverse_util.flatten_dict(
       abstract_params(module) if params is None else params, sep="/")
-  prefix = next((p for p in spec.prefixes
-                 if any(k.startswith(p + "embeddings.") for k in tensors)), None)
+  prefix = next((p for p in spec.prefixes if p + spec.signature in tensors), None)
   if prefix is None:
     raise CheckpointMismatchError(
-        f"{folder} does not look like a {kind} checkpoint: no tensor starts with "
-        f"{[p + 'embeddings.' for p in spec.prefixes]}. Check `tower=`/the config's kind.")
+        f"{folder} does not look like a {kind} checkpoint: it has none of "
+        f"{[p + spec.signature for p in spec.prefixes]}. Check `tower=` or the config's kind.")
 
   out, used, missing, mis_shaped, loaded, kept = {}, set(), [], [], [], []
   for path, leaf in target.items():
@@ -349,7 +360,7 @@ class Pretrained:
   params: Any
   kind: str
   report: LoadReport
-  tokenizer: tokenize.TextTokenizer | None  # text towers only
+  tokenizer: tokenize.TextTokenizer | None  # text towers whose folder has tokenizer files
   config: dict  # the folder's config.json
 
 
@@ -376,6 +387,6 @@ def load_pretrained(folder: str | Path, *, tower: str | None = None, max_length:
   module = MODULES[kind](**kwargs)
   params, report = load_params(module, folder, kind, tensors=tensors)
   tokenizer = None
-  if kind in ("clip_text", "bert"):
+  if kind in ("clip_text", "bert") and tokenize.has_tokenizer(folder):
     tokenizer = tokenize.load_tokenizer(folder, max_length)
   return Pretrained(module, params, kind, report, tokenizer, config)
