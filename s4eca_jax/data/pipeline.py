@@ -42,6 +42,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from absl import flags as absl_flags
 import grain
 import numpy as np
 from PIL import Image
@@ -115,10 +116,11 @@ def preprocess(example: Example, *, image_size: int, tokenizer: Tokenizer,
   if flip:
     image, mask, expression = image[:, ::-1], mask[:, ::-1], flip_expression(expression)
   tokens = tokenizer([expression])
-  mean = np.asarray(mean, np.float32) * 255
-  std = np.asarray(std, np.float32) * 255
+  scale = 1.0 / (255.0 * np.asarray(std, np.float32))  # (pixel / 255 - mean) / std
+  normalised = np.multiply(image, scale, dtype=np.float32)  # as pixel * scale + offset:
+  normalised += -np.asarray(mean, np.float32) / np.asarray(std, np.float32)  # 2 passes
   return {
-      "image": (image.astype(np.float32) - mean) / std,
+      "image": normalised,
       "mask": mask.astype(np.float32),
       "input_ids": tokens["input_ids"][0].astype(np.int32),
       "attention_mask": tokens["attention_mask"][0].astype(np.int32),
@@ -141,6 +143,10 @@ def _to_iterator(dataset: grain.MapDataset, worker_count: int, read_threads: int
   iterable = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
+    if not absl_flags.FLAGS.is_parsed():
+      # grain reads its absl flags in mp_prefetch (google/grain#1355); scripts that do not
+      # run under absl.app never parse them, so take the defaults.
+      absl_flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(iterable)
 
