@@ -1,0 +1,158 @@
+"""Textual and visual adapters on tiny sizes: shapes, identity at init, prefix bypass,
+scale weights, padding mask, zeroed proxies, ablation switches."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s4eca_jax.models import adapters, vit
+
+BATCH, WIDTH, PREFIX, GRID, NUM_QUERIES = 2, 32, 3, (6, 6), 4
+TOKENS = PREFIX + GRID[0] * GRID[1]
+
+
+def _inputs(seed=0):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return (jax.random.normal(k1, (BATCH, TOKENS, WIDTH)),
+          jax.random.normal(k2, (BATCH, NUM_QUERIES, WIDTH)))
+
+
+def _randomise(params, name, seed=1):
+  """Replaces the leaves under `name` (e.g. the zero-initialised "up") with noise."""
+  flat = flax.traverse_util.flatten_dict(params)
+  key = jax.random.PRNGKey(seed)
+  for path in flat:
+    if name in path:
+      key, sub = jax.random.split(key)
+      flat[path] = 0.1 * jax.random.normal(sub, flat[path].shape)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+@pytest.fixture(scope="module")
+def visual():
+  module = adapters.VisualAdapter(width=16, num_heads=2)
+  tokens, proxies = _inputs()
+  params = jax.jit(lambda: module.init(
+      jax.random.PRNGKey(0), tokens, context=proxies, num_prefix=PREFIX, grid=GRID))()["params"]
+  apply = jax.jit(lambda p, n, ctx: module.apply(
+      {"params": p}, n, context=ctx, num_prefix=PREFIX, grid=GRID, mutable="intermediates"))
+  return module, params, apply
+
+
+def test_visual_adapter_shapes_and_scale_weights(visual):
+  _, params, apply = visual
+  tokens, proxies = _inputs()
+  out, state = apply(params, tokens, proxies)
+  assert out.shape == (BATCH, TOKENS, WIDTH)
+  weights, = state["intermediates"]["scale_weights"]
+  maps, = state["intermediates"]["spatial_maps"]
+  assert weights.shape == (BATCH, 3, 16)  # (B, K, r)
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+  assert maps.shape == (BATCH, *GRID, 3)  # (B, h, w, K)
+  assert float(maps.min()) > 0 and float(maps.max()) < 1
+
+
+def test_fresh_visual_adapter_outputs_zero(visual):
+  _, params, apply = visual
+  out, _ = apply(params, *_inputs())
+  assert not np.any(np.asarray(out))
+
+
+def test_fresh_adapters_leave_the_encoder_unchanged():
+  kwargs = dict(family="dinov2", width=WIDTH, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                pretrain_grid=2, num_registers=2)
+  plain = vit.VisionTransformer(**kwargs)
+  adapted = vit.VisionTransformer(
+      **kwargs, adapter=functools.partial(adapters.VisualAdapter, width=8, num_heads=2),
+      adapter_blocks=(1, 2))
+  images = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 24, 3))
+  proxies = jax.random.normal(jax.random.PRNGKey(1), (1, NUM_QUERIES, WIDTH))
+  params = jax.jit(lambda: adapted.init(jax.random.PRNGKey(2), images,
+                                        adapter_context=proxies))()["params"]
+  plain_params = jax.tree.map(lambda x: x, params)
+  for k in (1, 2):
+    del plain_params[f"block_{k}"]["adapter"]
+  ours = jax.jit(adapted.apply)({"params": params}, images, adapter_context=proxies)["tokens"]
+  reference = jax.jit(plain.apply)({"params": plain_params}, images)["tokens"]
+  np.testing.assert_array_equal(ours, reference)
+
+
+def test_prefix_tokens_bypass_the_grid(visual):
+  _, params, apply = visual
+  params = _randomise(params, "up")
+  tokens, proxies = _inputs()
+  out, _ = apply(params, tokens, proxies)
+  out_other, _ = apply(params, tokens.at[:, PREFIX:].add(1.0), 2.0 * proxies)
+  # Prefix tokens depend on their own value only; patch tokens see patches and proxies.
+  np.testing.assert_array_equal(out[:, :PREFIX], out_other[:, :PREFIX])
+  assert not np.allclose(out[:, PREFIX:], out_other[:, PREFIX:])
+
+
+def test_zeroed_proxies_give_finite_outputs_and_gradients(visual):
+  module, params, _ = visual
+  params = _randomise(params, "up")
+  tokens, proxies = _inputs()
+
+  def total(p):
+    return module.apply({"params": p}, tokens, context=jnp.zeros_like(proxies),
+                        num_prefix=PREFIX, grid=GRID).sum()
+
+  value, grads = jax.jit(jax.value_and_grad(total))(params)
+  assert np.isfinite(float(value))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("switch,absent_params,absent_maps", [
+    ("scale_selection", {"scale_fc1", "scale_fc2"}, {"scale_weights"}),
+    ("spatial_selection", {"spatial_conv"}, {"spatial_maps"}),
+    ("cross_attention", {"cross_attn"}, set()),
+    ("dense_connectivity", set(), set()),
+])
+def test_ablation_switches(switch, absent_params, absent_maps):
+  module = adapters.VisualAdapter(width=16, num_heads=2, **{switch: False})
+  tokens, proxies = _inputs()
+  variables = jax.eval_shape(lambda: module.init(
+      jax.random.PRNGKey(0), tokens, context=proxies, num_prefix=PREFIX, grid=GRID))
+  names = set(variables["params"])
+  assert not names & absent_params
+  assert "up" in names and "multi_scale" in names
+  assert not set(variables.get("intermediates", {})) & absent_maps
+  if switch == "dense_connectivity":  # every branch's 1x1 conv reads only the input
+    kernels = variables["params"]["multi_scale"]
+    assert all(kernels[f"branch_{i}_pointwise"]["kernel"].shape == (16, 16) for i in range(3))
+
+
+def test_adapter_without_language_parts_needs_no_context():
+  module = adapters.VisualAdapter(width=16, scale_selection=False, spatial_selection=False,
+                                  cross_attention=False)
+  tokens, _ = _inputs()
+  variables = jax.eval_shape(lambda: module.init(
+      jax.random.PRNGKey(0), tokens, context=None, num_prefix=PREFIX, grid=GRID))
+  assert "proxy_proj" not in variables["params"]
+  with pytest.raises(ValueError, match="needs language proxies"):
+    adapters.VisualAdapter(width=16).init(
+        jax.random.PRNGKey(0), tokens, context=None, num_prefix=PREFIX, grid=GRID)
+
+
+def test_textual_adapter_reads_valid_words_only():
+  module = adapters.TextualAdapter(blocks=(1, 3), out_dim=48, num_queries=NUM_QUERIES,
+                                   width=16, num_heads=2)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  taps = {k: jax.random.normal(key, (BATCH, 7, WIDTH)) for k, key in zip((1, 2, 3), keys)}
+  mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
+  params = jax.jit(module.init)(jax.random.PRNGKey(1), taps, mask)["params"]
+  apply = jax.jit(lambda t: module.apply({"params": params}, t, mask))
+  proxies = apply(taps)
+  assert proxies.shape == (BATCH, NUM_QUERIES, 48)
+  assert set(params) == {"queries", "read_1", "read_3", "out_norm", "proxy_proj"}
+  padded = {k: v.at[1, 4:].set(100.0) for k, v in taps.items()}  # only padded positions
+  np.testing.assert_allclose(apply(padded), proxies, atol=1e-6)
+  changed = apply({k: v.at[1, 2].set(100.0) for k, v in taps.items()})
+  assert not np.allclose(changed[1], proxies[1])
+  np.testing.assert_allclose(changed[0], proxies[0], atol=1e-6)
+  with pytest.raises(ValueError, match="taps"):
+    module.apply({"params": params}, {1: taps[1]}, mask)

@@ -1,0 +1,73 @@
+"""Decoder on tiny sizes: shapes, padding mask, sentence-generated kernel, switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s4eca_jax.models import decoder
+
+BATCH, GRID, DIM, LENGTH, NUM_QUERIES, OUT = 2, (6, 5), 24, 7, 4, (42, 35)
+
+
+def _inputs(seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  maps = [jax.random.normal(k, (BATCH, *GRID, DIM)) for k in keys[:3]]
+  sentence = jax.random.normal(keys[3], (BATCH, 16))
+  words = jax.random.normal(keys[4], (BATCH, LENGTH, 20))
+  word_mask = jnp.array([[1] * LENGTH, [1] * 3 + [0] * (LENGTH - 3)])
+  proxies = jax.random.normal(keys[5], (BATCH, NUM_QUERIES, DIM))
+  return maps, sentence, words, word_mask, proxies
+
+
+MODULE = decoder.Decoder(width=32, num_layers=2, num_heads=4, mlp_dim=64,
+                         projector_dims=(16, 8), norm_groups=4)
+
+
+@pytest.fixture(scope="module")
+def decoder_fn():
+  maps, sentence, words, word_mask, proxies = _inputs()
+  params = jax.jit(lambda: MODULE.init(
+      jax.random.PRNGKey(0), maps, sentence, words, word_mask, proxies, OUT))()["params"]
+  apply = jax.jit(lambda *args: MODULE.apply({"params": params}, *args, OUT))
+  return params, apply
+
+
+def test_decoder_shapes(decoder_fn):
+  params, apply = decoder_fn
+  out = apply(*_inputs())
+  assert out["logits"].shape == (BATCH, *OUT) and out["logits"].dtype == jnp.float32
+  assert out["low_res_logits"].shape == (BATCH, 4 * GRID[0], 4 * GRID[1])  # two x2 stages
+  assert np.all(np.isfinite(out["logits"]))
+  assert params["dynamic_kernel"]["kernel"].shape == (16, 8 + 1)  # sentence -> 1x1 kernel
+  assert {f"layer_{i}" for i in range(2)} <= set(params)
+
+
+def test_decoder_ignores_padded_words_and_reads_language(decoder_fn):
+  _, apply = decoder_fn
+  maps, sentence, words, word_mask, proxies = _inputs()
+  logits = apply(maps, sentence, words, word_mask, proxies)["logits"]
+  padded = apply(maps, sentence, words.at[1, 3:].set(50.0), word_mask, proxies)["logits"]
+  np.testing.assert_allclose(padded, logits, atol=1e-5)
+  for changed in (
+      apply(maps, sentence, words.at[1, 1].set(50.0), word_mask, proxies),
+      apply(maps, sentence.at[1].set(-sentence[1]), words, word_mask, proxies),
+      apply(maps, sentence, words, word_mask, proxies.at[1].set(0.0))):
+    assert not np.allclose(changed["logits"][1], logits[1], atol=1e-4)
+    np.testing.assert_allclose(changed["logits"][0], logits[0], atol=1e-5)
+
+
+def test_sentence_gate_switch():
+  args = _inputs()
+  shapes = lambda module: jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), *args, OUT))["params"]
+  assert {f"tap_{i}_gate" for i in range(3)} <= set(shapes(MODULE))
+  assert not any("gate" in name for name in shapes(MODULE.clone(sentence_gate=False)))
+
+
+def test_sine_position_encoding():
+  enc = decoder.sine_position_encoding(4, 6, 16)
+  assert enc.shape == (4, 6, 16) and np.abs(enc).max() <= 1.0
+  assert len({enc[i, j].tobytes() for i in range(4) for j in range(6)}) == 24  # all distinct
+  with pytest.raises(ValueError, match="divisible by 4"):
+    decoder.sine_position_encoding(4, 6, 18)
