@@ -2,7 +2,7 @@
 
   python -m s4eca_jax.prepare rrsis_d --manual_dir ~/data/rrsisd --data_dir ~/tfds
   python -m s4eca_jax.prepare refsegrs --manual_dir ~/data/RefSegRS --data_dir ~/tfds
-  python -m s4eca_jax.prepare synthetic_rrsis --data_dir ~/tfds --num_train 2000 \
+  python -m s4eca_jax.prepare synthetic_rrsis --data_dir ~/tfds --num_train 2000 \\
       --num_val 250 --num_test 250 --image_size 256 --seed 0
 
 Prints a progress bar, then a summary: examples per split and every skipped or repaired
@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("dataset", choices=sorted(tfds_builders.BUILDERS),
                       help="which builder to run")
   parser.add_argument("--data_dir", required=True, type=Path,
-                      help="TFDS data dir; the dataset lands in DATA_DIR/<name>/[<config>/]<version>/")
+                      help="TFDS data dir; the dataset lands in "
+                           "DATA_DIR/<name>/[<config>/]<version>/")
   parser.add_argument("--manual_dir", type=Path,
                       help="folder with the manual download (rrsis_d, refsegrs; required "
                            "there). The expected layout is printed when files are missing.")

@@ -140,8 +140,12 @@ def test_eval_pads_batches_and_visits_every_example_once():
   for batches in shards:
     for batch in batches:
       assert batch["valid"].dtype == bool and batch["valid"].shape == (5,)
-      assert batch["mask_original"].shape == (5, 48, 50) and batch["mask_original"].dtype == np.uint8
-      assert batch["image"].shape == (5, SIZE, SIZE, 3)
+      assert batch["mask_original"].shape == (5, 48, 50)
+      assert batch["mask_original"].dtype == np.uint8
+      assert batch["original_height"].dtype == batch["original_width"].dtype == np.int32
+      for key in ("index", "sent_id", "ref_id", "image_id"):
+        assert batch[key].dtype == np.int64 and batch[key].shape == (5,)
+      assert batch["image"].shape == (5, SIZE, SIZE, 3) and batch["mask"].shape == (5, SIZE, SIZE)
       for b in range(5):
         index = int(batch["index"][b])
         if not batch["valid"][b]:
@@ -150,7 +154,8 @@ def test_eval_pads_batches_and_visits_every_example_once():
           continue
         seen.append(index)
         record = SOURCE[index]
-        assert batch["sent_id"][b] == record["sent_id"] and batch["image_id"][b] == record["image_id"]
+        for key in ("sent_id", "ref_id", "image_id"):
+          assert batch[key][b] == record[key]
         height, width = int(batch["original_height"][b]), int(batch["original_width"][b])
         assert (height, width) == (record["height"], record["width"])
         expected = np.asarray(Image.open(io.BytesIO(record["mask"])))

@@ -49,6 +49,9 @@ SIZE_RANGE = {
     "groundtrackfield": (0.26, 0.36), "baseballfield": (0.16, 0.26),
     "airplane": (0.14, 0.24), "windmill": (0.10, 0.16), "bridge": (0.05, 0.08),
 }
+# Short side / long side of the box; the rest are square.
+ASPECT = {"vehicle": 0.5, "ship": 0.3, "tenniscourt": 0.55, "basketballcourt": 0.6,
+          "groundtrackfield": 0.55}
 REGIONS = (("upper left", "top", "upper right"), ("left", "middle", "right"),
            ("lower left", "bottom", "lower right"))
 REGION_PREPOSITION = {"top": "at the", "bottom": "at the", "middle": "in the"}
@@ -190,22 +193,22 @@ def _object_box(rng: np.random.Generator, category: str, size: int, water: np.nd
   """A box for a new object on its surface (water for ships, across the water band for
   bridges, land for the rest), or None when this draw does not fit."""
   length = rng.uniform(*SIZE_RANGE[category]) * size
-  aspect = {"vehicle": 0.5, "ship": 0.3, "tenniscourt": 0.55, "basketballcourt": 0.6,
-            "groundtrackfield": 0.55}.get(category, 1.0)
+  aspect = ASPECT.get(category, 1.0)
   w, h = (length, length * aspect) if horizontal else (length * aspect, length)
   if category == "bridge":  # spans the water band from the image edge to past the shore
     rows, cols = np.nonzero(water)
     if rows.size == 0:
       return None
-    vertical_band = water[:, 0].all() or water[:, -1].all()
-    if vertical_band:
-      x0, x1 = (0, cols.max() + 0.06 * size) if water[:, 0].all() else (cols.min() - 0.06 * size, size)
-      y0 = rng.uniform(0.1, 0.9 - length / size) * size
-      box = (x0, y0, x1, y0 + length)
-    else:
-      y0, y1 = (0, rows.max() + 0.06 * size) if water[0, :].all() else (rows.min() - 0.06 * size, size)
-      x0 = rng.uniform(0.1, 0.9 - length / size) * size
-      box = (x0, y0, x0 + length, y1)
+    overhang = 0.06 * size
+    start = rng.uniform(0.1, 0.9 - length / size) * size
+    if water[:, 0].all():  # band on the left
+      box = (0, start, cols.max() + overhang, start + length)
+    elif water[:, -1].all():  # right
+      box = (cols.min() - overhang, start, size, start + length)
+    elif water[0, :].all():  # top
+      box = (start, 0, start + length, rows.max() + overhang)
+    else:  # bottom
+      box = (start, rows.min() - overhang, start + length, size)
   else:
     x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
     box = (x0, y0, x0 + w, y0 + h)
