@@ -5,7 +5,8 @@ mIoU = mean IoU; oIoU = sum I / sum U; P@t = fraction of samples with IoU >= t f
 t in 0.5, 0.6, 0.7, 0.8, 0.9. All values are fractions in [0, 1]; `n` counts samples.
 
 Two forms of the same definitions:
-- `referring_metrics(pred_masks, gt_masks)`: numpy, masks of any (and differing) sizes.
+- `referring_metrics(pred_masks, gt_masks)`: numpy, masks of any (and differing) sizes;
+  `metrics_from_counts(intersections, unions)` from per-sample pixel counts.
 - An accumulator for jit-compiled eval steps: `init_accumulator()`,
   `update_accumulator(acc, pred, gt, valid)`, `merge_accumulators(a, b)`,
   `finalize_accumulator(acc)`. The state is a dict of sums, so merging the states of
@@ -64,8 +65,15 @@ def referring_metrics(pred_masks: Sequence[np.ndarray],
                        "the prediction to the ground truth's size first.")
     intersection.append(np.logical_and(pred, gt).sum())
     union.append(np.logical_or(pred, gt).sum())
-  intersection = np.asarray(intersection, np.int64).reshape(-1)
-  union = np.asarray(union, np.int64).reshape(-1)
+  return metrics_from_counts(np.asarray(intersection), np.asarray(union))
+
+
+def metrics_from_counts(intersections: np.ndarray, unions: np.ndarray) -> dict[str, float]:
+  """Metrics from per-sample pixel counts I and U, (N,) integers each."""
+  intersection = np.asarray(intersections, np.int64).reshape(-1)
+  union = np.asarray(unions, np.int64).reshape(-1)
+  if intersection.shape != union.shape:
+    raise ValueError(f"{intersection.size} intersections for {union.size} unions.")
   return _summary(intersection.sum(), union.sum(), _iou(intersection, union, np).sum(),
                   _hits(intersection, union, np).sum(0), len(intersection))
 

@@ -75,6 +75,18 @@ def test_train_batch_layout_with_real_tokenizer():
   assert (batch["attention_mask"].sum(1) >= 5).all()  # [CLS] item N on the left [SEP]
 
 
+def test_resize_and_normalize_image():
+  image = np.zeros((30, 50, 3), np.uint8)
+  image[..., 0], image[..., 1], image[..., 2] = 0, 128, 255
+  resized = pipeline.resize_image(image, SIZE)
+  assert resized.shape == (SIZE, SIZE, 3) and resized.dtype == np.uint8
+  np.testing.assert_array_equal(resized, np.broadcast_to([0, 128, 255], (SIZE, SIZE, 3)))
+  normalized = pipeline.normalize_image(resized, MEAN, STD)
+  expected = (np.array([0, 128, 255]) / 255 - np.array(MEAN)) / np.array(STD)
+  assert normalized.dtype == np.float32
+  np.testing.assert_allclose(normalized, np.broadcast_to(expected, (SIZE, SIZE, 3)), rtol=1e-6)
+
+
 def test_same_seed_same_batches_and_each_epoch_reshuffled():
   first = [next(it) for it in [_train()] for _ in range(6)]  # 2 epochs of 3 batches
   again = [b for it in [_train()] for b in (next(it) for _ in range(6))]

@@ -45,6 +45,13 @@ def test_referring_metrics_hand_computed():
   assert metrics.referring_metrics(PRED, GT) == pytest.approx(EXPECTED, abs=1e-12)
 
 
+def test_metrics_from_counts_hand_computed():
+  intersections = [1, 3, 0, 0, 0, 2]  # the I and U of PRED / GT above
+  unions = [2, 5, 2, 1, 0, 2]
+  assert metrics.metrics_from_counts(np.array(intersections), np.array(unions)) == (
+      pytest.approx(EXPECTED, abs=1e-12))
+
+
 def test_referring_metrics_edge_cases():
   empty = [np.zeros((4, 4), bool)]
   assert metrics.referring_metrics(empty, empty) == {

@@ -86,11 +86,28 @@ def flip_expression(expression: str) -> str:
   return _MIRRORED_PATTERN.sub(swap, expression)
 
 
+def resize_image(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+  """RGB (H, W, 3) uint8 -> (size, size, 3) uint8, bilinear (PIL, antialiased)."""
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(image)
+  return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def normalize_image(image: np.ndarray, mean: Sequence[float],
+                    std: Sequence[float]) -> np.ndarray:
+  """uint8 (..., 3) -> float32 (pixel / 255 - mean) / std, computed in two passes as
+  pixel * scale + offset."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  normalized = np.multiply(image, 1.0 / (255.0 * std), dtype=np.float32)
+  normalized += -mean / std
+  return normalized
+
+
 def _decode_rgb(data: bytes, size: int) -> np.ndarray:
-  """(size, size, 3) uint8, resized bilinear."""
+  """(size, size, 3) uint8 from encoded bytes."""
   with Image.open(io.BytesIO(data)) as image:
     image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4, 1/8 when still >= size
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    return resize_image(image, size)
 
 
 def _decode_mask(data: bytes) -> np.ndarray:
@@ -103,7 +120,8 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
 
 
-def _text(value: bytes | str) -> str:
+def example_text(value: bytes | str) -> str:
+  """A record's text feature (bytes from tfds) as str."""
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
@@ -112,15 +130,12 @@ def preprocess(example: Example, *, image_size: int, tokenizer: Tokenizer,
   """One data-source record -> the per-example train features (see module docstring)."""
   image = _decode_rgb(example["image"], image_size)  # (S, S, 3)
   mask = _resize_mask(_decode_mask(example["mask"]), image_size)  # (S, S)
-  expression = _text(example["expression"])
+  expression = example_text(example["expression"])
   if flip:
     image, mask, expression = image[:, ::-1], mask[:, ::-1], flip_expression(expression)
   tokens = tokenizer([expression])
-  scale = 1.0 / (255.0 * np.asarray(std, np.float32))  # (pixel / 255 - mean) / std
-  normalised = np.multiply(image, scale, dtype=np.float32)  # as pixel * scale + offset:
-  normalised += -np.asarray(mean, np.float32) / np.asarray(std, np.float32)  # 2 passes
   return {
-      "image": normalised,
+      "image": normalize_image(image, mean, std),
       "mask": mask.astype(np.float32),
       "input_ids": tokens["input_ids"][0].astype(np.int32),
       "attention_mask": tokens["attention_mask"][0].astype(np.int32),
