@@ -1,0 +1,126 @@
+"""Which parameters train: regex rules from the config, the trainable/frozen split, and the
+optimizer that sees only the trainable tree.
+
+    mask = trainable_mask(params, config.trainable)   # first matching rule wins
+    trainable, frozen = split(params, mask)           # two disjoint nested dicts
+    tx = make_optimizer(config.optimizer, total_steps)
+    opt_state = tx.init(trainable)                    # no state for frozen leaves
+    grads = jax.grad(lambda t: loss(merge(t, frozen)))(trainable)
+
+Paths are "/"-joined parameter names, e.g. "image_encoder/block_2/adapter/down/kernel".
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+ACTIONS = ("train", "freeze")
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+def unflatten(flat: dict[str, Any]) -> Any:
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _check_rules(rules: Sequence[Sequence[str]]):
+  for rule in rules:
+    if len(rule) != 2 or rule[1] not in ACTIONS:
+      raise ValueError(f"Trainable rule {tuple(rule)!r} must be (regex, action) with action in "
+                       f"{ACTIONS}; see config.trainable.")
+
+
+def rule_index(path: str, rules: Sequence[Sequence[str]]) -> int | None:
+  """Index of the first rule whose regex matches the whole path, or None."""
+  return next((i for i, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, path)), None)
+
+
+def trainable_mask(params: Any, rules: Sequence[Sequence[str]]) -> Any:
+  """Tree of bools like `params`: True where the first matching rule says "train".
+
+  Every leaf must match a rule; otherwise a ValueError names the unmatched leaves.
+  """
+  _check_rules(rules)
+  flat = flatten(params)
+  matches = {path: rule_index(path, rules) for path in flat}
+  unmatched = [path for path, i in matches.items() if i is None]
+  if unmatched:
+    shown = "\n  ".join(unmatched[:20]) + ("\n  ..." if len(unmatched) > 20 else "")
+    raise ValueError(f"{len(unmatched)} parameters match no rule in config.trainable:\n  "
+                     f"{shown}\nAdd a (regex, 'train'|'freeze') rule that covers them.")
+  return unflatten({path: rules[i][1] == "train" for path, i in matches.items()})
+
+
+def split(params: Any, mask: Any) -> tuple[Any, Any]:
+  """(trainable, frozen): two nested dicts holding disjoint subsets of the leaves."""
+  flat, flat_mask = flatten(params), flatten(mask)
+  trainable = {p: v for p, v in flat.items() if flat_mask[p]}
+  frozen = {p: v for p, v in flat.items() if not flat_mask[p]}
+  return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable: Any, frozen: Any) -> Any:
+  """Inverse of split."""
+  return unflatten({**flatten(frozen), **flatten(trainable)})
+
+
+def _count(leaves) -> int:
+  return int(sum(np.prod(leaf.shape) for leaf in leaves))
+
+
+def describe(params: Any, rules: Sequence[Sequence[str]]) -> str:
+  """A readable log of the split: leaves and parameters per rule, then the totals."""
+  flat = flatten(params)
+  by_rule = [[] for _ in rules]
+  for path, leaf in flat.items():
+    by_rule[rule_index(path, rules)].append(leaf)
+  lines = [f"  {action:6s} {pattern!r}: {len(leaves)} leaves, {_count(leaves):,} params"
+           for (pattern, action), leaves in zip(rules, by_rule)]
+  trainable = _count(leaf for (_, action), leaves in zip(rules, by_rule)
+                     if action == "train" for leaf in leaves)
+  total = _count(flat.values())
+  lines.append(f"  trainable {trainable:,} of {total:,} params ({100 * trainable / total:.2f}%)")
+  return "Trainable split (first matching rule wins):\n" + "\n".join(lines)
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to config.lr, then "cosine" decay (to lr * end_lr_ratio) or "step"
+  decay (times step_decay at each fraction of total_steps in step_boundaries)."""
+  warmup = min(config.warmup_steps, total_steps)
+  if config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(
+        config.lr, max(total_steps - warmup, 1), alpha=config.end_lr_ratio)
+  elif config.schedule == "step":
+    decay = optax.piecewise_constant_schedule(config.lr, {
+        max(int(fraction * total_steps) - warmup, 0): config.step_decay
+        for fraction in config.step_boundaries})
+  else:
+    raise ValueError(f"config.optimizer.schedule={config.schedule!r}; use 'cosine' or 'step'.")
+  warmup_fn = optax.linear_schedule(0.0, config.lr, max(warmup, 1))
+  return optax.join_schedules([warmup_fn, decay], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+  # Weight decay on matrices, kernels and embeddings; not on biases, norms, LayerScale.
+  return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+  """(optax chain for the trainable tree, its learning-rate schedule).
+
+  Global-norm clipping (config.clip_norm; None or 0 disables) then AdamW.
+  """
+  schedule = make_schedule(config, total_steps)
+  chain = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
+  chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay, mask=_decay_mask))
+  return optax.chain(*chain), schedule
