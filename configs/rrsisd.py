@@ -1,0 +1,17 @@
+"""S4ECA on RRSIS-D: DINOv2-B/14 with 4 registers at 448 + CLIP B/16 text, frozen.
+
+    python -m s4eca_jax.train --config configs/rrsisd.py --workdir W \
+        --config.data_dir=D --config.image_encoder.checkpoint=dinov2-with-registers-base \
+        --config.text_encoder.checkpoint=clip-vit-base-patch16
+
+The checkpoints are Hugging Face model folders (save_pretrained). A tiny model for tests:
+`--config configs/rrsisd.py:variant=tiny` (random frozen encoders).
+Parameter table: `python -m s4eca_jax.params --config configs/rrsisd.py`.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, variant="full")
+  return common.s4eca_config("rrsis_d", arg.variant)
