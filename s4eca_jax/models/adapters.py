@@ -21,10 +21,7 @@ from s4eca_jax.models import layers
 
 # Keeps cosine maps finite when the proxies are zero (the "no language guidance" ablation).
 COSINE_EPS = 1e-6
-
-
-def gelu(x):
-  return jax.nn.gelu(x, approximate=False)
+gelu = layers.activation("gelu")
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -52,7 +52,7 @@ class ConvNormAct(nn.Module):
     x = nn.Conv(self.features, (self.kernel_size,) * 2, padding="SAME", use_bias=False,
                 dtype=self.dtype, name="conv")(x)
     x = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
-    return jax.nn.gelu(x, approximate=False)
+    return layers.activation("gelu")(x)
 
 
 class DecoderLayer(nn.Module):
