@@ -105,5 +105,19 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
       warmup_steps=0 if tiny else 500, end_lr_ratio=0.0,  # cosine
       step_boundaries=(0.7, 0.9), step_decay=0.1)  # step: fractions of the run
 
-  config.mesh = (("data", -1), ("fsdp", 1))
+  # Run: mesh, schedule of logs / evaluations / checkpoints (steps), input workers.
+  config.mesh = (("data", -1), ("fsdp", 1))  # -1: all remaining devices
+  config.fsdp_min_size = 2**18  # params with at least this many elements split over fsdp
+  config.distributed = False  # True on multi-host TPU pods / multi-node GPU
+  config.tokenizer = placeholder(str)  # tokenizer folder; default: text_encoder.checkpoint
+  config.total_steps = placeholder(int)  # default: num_epochs x steps per epoch
+  config.log_every = 10 if tiny else 50
+  config.eval_every = 0 if tiny else 2000  # 0: only at the end; < 0: never
+  config.eval_split = "val"  # evaluations during training; the best checkpoint by its oIoU
+  config.checkpoint_every = 0 if tiny else 1000  # 0: only at the end (and at evaluations)
+  config.keep_checkpoints = 3  # the latest N, plus the best by val oIoU
+  config.stop_after_steps = 0  # > 0: stop there with a checkpoint (time-boxed jobs)
+  config.data_workers = 0 if tiny else 8  # grain worker processes for decoding
+  config.flip_probability = 0.0  # horizontal flips (left/right words swapped with them)
+  config.mask_probability = 0.5  # prediction = sigmoid(logit) > this
   return config

@@ -7,3 +7,36 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def pytest_configure(config):
+  del config
+  import jax  # pylint: disable=g-import-not-at-top
+
+  # Tests that train compile the same tiny steps several times: a persistent cache makes
+  # the repeats cheap (per test session, in a temp folder).
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="s4eca_jax_cache_"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+  from tests import run_fixtures  # pylint: disable=g-import-not-at-top
+
+  return run_fixtures.build_tiny_dataset(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tiny_dataset, tmp_path_factory):
+  """A tiny run trained for 6 steps with evaluations at steps 3 and 6."""
+  from s4eca_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import run_fixtures  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path_factory.mktemp("run")
+  train.train(run_fixtures.tiny_config(tiny_dataset, total_steps=6, eval_every=3), workdir)
+  return workdir

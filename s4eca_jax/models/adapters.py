@@ -44,7 +44,8 @@ class QueryReader(nn.Module):
   def __call__(self, queries, words, mask):
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
     queries = queries + layers.MultiHeadAttention(
-        self.num_heads, qkv_features=self.width, dtype=self.dtype, name="attn")(
+        self.num_heads, qkv_features=self.width, key_bias=False, dtype=self.dtype,
+        name="attn")(
             norm("query_norm")(queries), norm("word_norm")(words), mask=mask)
     return queries + layers.Mlp(self.width, "gelu", dtype=self.dtype, name="ffn")(
         norm("ffn_norm")(queries))
@@ -169,7 +170,8 @@ class VisualAdapter(nn.Module):
     selected = selected.reshape(batch, -1, self.width)  # (B, N, r)
     if self.cross_attention:
       selected = selected + layers.MultiHeadAttention(
-          self.num_heads, dtype=self.dtype, name="cross_attn")(selected, proxies)
+          self.num_heads, key_bias=False, dtype=self.dtype, name="cross_attn")(
+              selected, proxies)
 
     x = jnp.concatenate([prefix, selected], axis=1)  # (B, T, r)
     return nn.Dense(model_width, dtype=self.dtype, kernel_init=nn.initializers.zeros,

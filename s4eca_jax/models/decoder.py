@@ -66,7 +66,8 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, memory, memory_mask):
     """x: (B, N, d) pixels; memory: (B, M, d); memory_mask: (B, M) 1 = valid."""
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
-    attn = lambda name: layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name=name)
+    attn = lambda name: layers.MultiHeadAttention(self.num_heads, key_bias=False,
+                                                  dtype=self.dtype, name=name)
     x = x + attn("self_attn")(norm("self_norm")(x))
     x = x + attn("cross_attn")(norm("cross_norm")(x), memory,
                                mask=layers.padding_mask(memory_mask))

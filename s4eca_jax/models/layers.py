@@ -39,11 +39,15 @@ class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate query/key/value projections (as in HF checkpoints).
 
   `mask` is boolean, True where attention is allowed, broadcastable to (B, heads, Tq, Tk).
+  A key bias adds the same logit to every key of a query, which softmax cancels: its
+  gradient is zero up to float noise, which Adam would turn into drift. Pretrained
+  encoders keep it (their checkpoints have it); trainable modules set key_bias=False.
   """
 
   num_heads: int
   out_features: int | None = None
   qkv_features: int | None = None
+  key_bias: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -53,10 +57,10 @@ class MultiHeadAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f"width {features} is not divisible by num_heads={self.num_heads}.")
     head_dim = features // self.num_heads
-    dense = lambda name, n: nn.Dense(n, dtype=self.dtype, name=name)
+    dense = lambda name, n, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
     query = split(dense("query", features)(inputs_q))  # (B, Tq, heads, head_dim)
-    key = split(dense("key", features)(inputs_kv))  # (B, Tk, heads, head_dim)
+    key = split(dense("key", features, self.key_bias)(inputs_kv))  # (B, Tk, heads, head_dim)
     value = split(dense("value", features)(inputs_kv))
     out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal)
     out = out.reshape(out.shape[:-2] + (features,))

@@ -9,7 +9,7 @@ BERT: post-LN blocks, token types, sentence = mean over valid tokens ("mean"), t
 token ("cls") or the tanh pooler ("pooler").
 
 Adapter hook: after each block k in `adapter_blocks` the encoder calls
-    tokens, adapter_state = adapter(name="adapter")(tokens, attention_mask, adapter_state)
+    tokens, adapter_state = adapter(name=f"adapter_{k}")(tokens, attention_mask, adapter_state)
 with adapter_state None at the first such block; the last state is returned. The adapter
 after block k has its parameters at `adapter_{k}/...`.
 """

