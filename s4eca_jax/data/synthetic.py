@@ -8,6 +8,9 @@ same category (or other objects of the same colour), and the expression is drawn
 RRSIS-D-style templates ("The red vehicle on the lower left", "The larger storage tank",
 "The ship to the right of the bridge") among those that single it out: every
 description is also a predicate, and it is kept only if exactly the target satisfies it.
+Each description has a type (EXPRESSION_TYPES: the cue it rests on). A scene first draws
+its type uniformly, then is planned and redrawn until a description of that type singles
+the target out: the types come balanced (left to chance, position phrases would be 70%).
 
 `write_rrsis_layout` writes the RRSIS-D on-disk layout (JPEGImages/, instances.json with
 RLE, refs(unc).p), which the `synthetic_rrsis` and `rrsis_d` builders read through
@@ -57,6 +60,9 @@ REGIONS = (("upper left", "top", "upper right"), ("left", "middle", "right"),
 REGION_PREPOSITION = {"top": "at the", "bottom": "at the", "middle": "in the"}
 SAME_CATEGORY_DISTRACTOR_PROBABILITY = 0.8
 SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
+# What an expression rests on besides the noun: nothing ("The ship"), the colour, the
+# relative size, or the position (image region, leftmost..., relation to another object).
+EXPRESSION_TYPES = ("category", "colour", "size", "location")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,7 @@ class Scene:
   objects: tuple[SceneObject, ...]
   target: int  # index into objects
   expression: str
+  expression_type: str  # one of EXPRESSION_TYPES
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,8 +236,8 @@ def _overlaps(box, others, margin: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Expressions: each candidate description is (text, predicate); keep those that select
-# exactly the target.
+# Expressions: each candidate description is (text, predicate, type); keep those that
+# select exactly the target.
 # ---------------------------------------------------------------------------------------
 
 
@@ -250,7 +257,7 @@ def _region_phrase(region: str) -> str:
   return f"{REGION_PREPOSITION.get(region, 'on the')} {region}"
 
 
-Description = tuple[str, Callable[[SceneObject], bool]]
+Description = tuple[str, Callable[[SceneObject], bool], str]
 
 
 def _descriptions(objects: tuple[SceneObject, ...], target: SceneObject,
@@ -259,35 +266,38 @@ def _descriptions(objects: tuple[SceneObject, ...], target: SceneObject,
   same = [o for o in objects if o.category == category]
   of_category = lambda predicate: (lambda o: o.category == category and predicate(o))
   candidates: list[Description] = [
-      (f"The {noun}", of_category(lambda o: True)),
-      (f"The {target.colour} {noun}", of_category(lambda o: o.colour == target.colour)),
+      (f"The {noun}", of_category(lambda o: True), "category"),
+      (f"The {target.colour} {noun}", of_category(lambda o: o.colour == target.colour),
+       "colour"),
   ]
   region = _region(target, size)
   if region is not None:
     in_region = lambda o: _region(o, size) == region
     candidates += [
-        (f"The {noun} {_region_phrase(region)}", of_category(in_region)),
+        (f"The {noun} {_region_phrase(region)}", of_category(in_region), "location"),
         (f"The {target.colour} {noun} {_region_phrase(region)}",
-         of_category(lambda o: in_region(o) and o.colour == target.colour)),
+         of_category(lambda o: in_region(o) and o.colour == target.colour), "location"),
     ]
   if len(same) >= 2:
     areas = sorted(o.area for o in same)
     two = len(same) == 2
     if target.area == areas[-1] and areas[-1] >= 1.4 * areas[-2]:
       candidates.append((f"The {'larger' if two else 'largest'} {noun}",
-                         of_category(lambda o: o.area == areas[-1])))
+                         of_category(lambda o: o.area == areas[-1]), "size"))
     if target.area == areas[0] and areas[1] >= 1.4 * areas[0]:
       candidates.append((f"The {'smaller' if two else 'smallest'} {noun}",
-                         of_category(lambda o: o.area == areas[0])))
+                         of_category(lambda o: o.area == areas[0]), "size"))
     for axis, (low, high) in ((0, ("leftmost", "rightmost")), (1, ("topmost", "bottommost"))):
       ordered = sorted(o.center[axis] for o in same)
       gap = 0.08 * size
       if target.center[axis] == ordered[0] and ordered[1] - ordered[0] >= gap:
         candidates.append((f"The {low} {noun}",
-                           of_category(lambda o, a=axis, v=ordered[0]: o.center[a] == v)))
+                           of_category(lambda o, a=axis, v=ordered[0]: o.center[a] == v),
+                           "location"))
       if target.center[axis] == ordered[-1] and ordered[-1] - ordered[-2] >= gap:
         candidates.append((f"The {high} {noun}",
-                           of_category(lambda o, a=axis, v=ordered[-1]: o.center[a] == v)))
+                           of_category(lambda o, a=axis, v=ordered[-1]: o.center[a] == v),
+                           "location"))
   margin = 0.05 * size
   for anchor in objects:
     if anchor is target or sum(o.category == anchor.category for o in objects) != 1:
@@ -302,13 +312,19 @@ def _descriptions(objects: tuple[SceneObject, ...], target: SceneObject,
     for phrase, relation in relations.items():
       if relation(target):
         candidates.append((f"The {noun} {phrase} the {NOUNS[anchor.category]}",
-                           of_category(relation)))
+                           of_category(relation), "location"))
   return candidates
 
 
-def _unique_expressions(objects: tuple[SceneObject, ...], target: int, size: int) -> list[str]:
-  return [text for text, predicate in _descriptions(objects, objects[target], size)
+def _unique_descriptions(objects: tuple[SceneObject, ...], target: int,
+                         size: int) -> list[tuple[str, str]]:
+  """(text, type) of every description that selects exactly objects[target]."""
+  return [(text, kind) for text, predicate, kind in _descriptions(objects, objects[target], size)
           if [i for i, o in enumerate(objects) if predicate(o)] == [target]]
+
+
+def _unique_expressions(objects: tuple[SceneObject, ...], target: int, size: int) -> list[str]:
+  return [text for text, _ in _unique_descriptions(objects, target, size)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,19 +332,27 @@ def _unique_expressions(objects: tuple[SceneObject, ...], target: int, size: int
 # ---------------------------------------------------------------------------------------
 
 
-def _plan_categories(rng: np.random.Generator, target_category: str, has_water: bool) -> list[str]:
+def _plan_categories(rng: np.random.Generator, target_category: str, has_water: bool,
+                     expression_type: str) -> list[str]:
+  """Target first. Same-category distractors always for colour and size expressions (they
+  need one), never for category ones (they need a unique category), else usually."""
   count = int(rng.integers(2, 7))
   allowed = [c for c in CATEGORIES if has_water or (c not in ON_WATER and c != "bridge")]
+  if expression_type == "category":
+    allowed.remove(target_category)
   plan = [target_category]
-  if rng.random() < SAME_CATEGORY_DISTRACTOR_PROBABILITY:
+  usually = rng.random() < SAME_CATEGORY_DISTRACTOR_PROBABILITY
+  if {"colour": True, "size": True, "category": False}.get(expression_type, usually):
     plan += [target_category] * int(rng.integers(1, min(3, count - 1) + 1))
   while len(plan) < count:
     plan.append(str(rng.choice(allowed)))
   return plan
 
 
-def make_scene(rng: np.random.Generator, size: int, max_tries: int = 50) -> Scene:
-  """One scene whose target has at least one expression that picks it out alone."""
+def make_scene(rng: np.random.Generator, size: int, max_tries: int = 100) -> Scene:
+  """One scene whose target has an expression that picks it out alone, of a type drawn
+  uniformly from EXPRESSION_TYPES (balanced types)."""
+  expression_type = str(rng.choice(EXPRESSION_TYPES))
   for _ in range(max_tries):
     canvas, water = _background(rng, size)
     target_choices = [c for c in CATEGORIES if water.any() or c not in (*ON_WATER, "bridge")]
@@ -337,7 +361,8 @@ def make_scene(rng: np.random.Generator, size: int, max_tries: int = 50) -> Scen
     draw = ImageDraw.Draw(image)
     target_colour = str(rng.choice(list(COLOURS)))
     boxes, objects = [], []
-    for index, category in enumerate(_plan_categories(rng, target_category, water.any())):
+    for index, category in enumerate(_plan_categories(rng, target_category, water.any(),
+                                                             expression_type)):
       # Half of the other objects share the target's colour: colour alone rarely suffices.
       colour = target_colour if index == 0 or rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
       horizontal = bool(rng.random() < 0.5)
@@ -359,12 +384,14 @@ def make_scene(rng: np.random.Generator, size: int, max_tries: int = 50) -> Scen
     if len(objects) < 2 or objects[0].category != target_category:
       continue
     objects = tuple(objects)
-    expressions = _unique_expressions(objects, 0, size)
+    expressions = [text for text, kind in _unique_descriptions(objects, 0, size)
+                   if kind == expression_type]
     if not expressions:
       continue
     pixels = np.asarray(image, np.float32) + rng.normal(0, 4, (size, size, 3))
     return Scene(image=np.clip(pixels, 0, 255).astype(np.uint8), objects=objects,
-                 target=0, expression=str(rng.choice(expressions)))
+                 target=0, expression=str(rng.choice(expressions)),
+                 expression_type=expression_type)
   raise RuntimeError(f"No describable scene in {max_tries} tries at size {size}; use a "
                      "larger --image_size (>= 64).")
 
@@ -372,7 +399,8 @@ def make_scene(rng: np.random.Generator, size: int, max_tries: int = 50) -> Scen
 def write_rrsis_layout(root: str | Path, *, num_train: int, num_val: int, num_test: int,
                        image_size: int, seed: int, progress: bool = True) -> Path:
   """Writes JPEGImages/NNNNN.jpg, instances.json and refs(unc).p under `root`, one ref
-  (and sentence) per image, ids 1, 2, ... in train, val, test order. refs(unc).p is
+  (and sentence) per image, ids 1, 2, ... in train, val, test order. Each sentence also
+  records its "type" (EXPRESSION_TYPES), which RRSIS-D readers ignore. refs(unc).p is
   written last, so its presence marks a complete layout."""
   root = Path(root)
   (root / layouts.RRSISD_IMAGES).mkdir(parents=True, exist_ok=True)
@@ -396,7 +424,8 @@ def write_rrsis_layout(root: str | Path, *, num_train: int, num_val: int, num_te
                  "category_id": category_id, "ann_id": ident, "ref_id": ident,
                  "sent_ids": [ident],
                  "sentences": [{"tokens": scene.expression.split(), "raw": scene.expression,
-                                "sent_id": ident, "sent": scene.expression}]})
+                                "sent_id": ident, "sent": scene.expression,
+                                "type": scene.expression_type}]})
   categories = [{"id": i, "name": name} for i, name in enumerate(layouts.RRSISD_CATEGORIES)]
   (root / layouts.RRSISD_INSTANCES).write_text(json.dumps(
       {"images": images, "annotations": annotations, "categories": categories}))

@@ -42,10 +42,12 @@ def synthetic_config(num_train: int, num_val: int, num_test: int, image_size: in
 class Builder(ReferringBuilder):
   """Synthetic referring segmentation scenes whose expressions need language."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release: 10 RRSIS-D categories drawn with colour, size and "
                "position; template expressions that select exactly one object.",
+      "1.1.0": "Balanced expression types (category, colour, size, location: a quarter "
+               "each); refs(unc).p records each sentence's type.",
   }
   BUILDER_CONFIGS = [
       synthetic_config(2000, 250, 250, 256, seed=0),  # demo

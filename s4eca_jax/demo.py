@@ -1,0 +1,245 @@
+"""The demo, end to end on a CPU: synthetic scenes -> RRSIS-D layout -> rrsis_d build ->
+train configs/demo.py -> evaluate on val -> predictions and pictures.
+
+    python -m s4eca_jax.demo                      # workdirs/demo, data/
+    python -m s4eca_jax.demo --ablate             # also the language-blind run, side by side
+    python -m s4eca_jax.demo --config_arg variant=tiny --workdir /tmp/w --data_dir /tmp/d
+
+Data: `synthetic.write_rrsis_layout` writes the scenes of config.synthetic in the RRSIS-D
+on-disk layout (DATA_DIR/downloads/synthetic_rrsis/<name>/), which the real `rrsis_d`
+builder then reads into DATA_DIR/rrsis_d_synthetic/<name>/: the demo goes through the
+same reading path as RRSIS-D. Each run lives in WORKDIR/<run>/ (s4eca, and
+language_blind with --ablate): checkpoints, metrics.jsonl, training_curve.png,
+overlays/val_step*.png (fixed val examples: image | truth | prediction),
+adapter_selection.png (the adapters' spatial maps and scale weights for one example),
+predictions/ (masks and overlays from s4eca_jax.predict). WORKDIR/results.md holds the
+metrics tables (overall and per expression type). A second call reuses the data and the
+trained runs (an interrupted run resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import demo as demo_config
+from s4eca_jax import attention_plots, evaluate, logs, metrics, predict, prepare, train
+from s4eca_jax.data import layouts, pipeline, synthetic
+import tfds_builders
+
+RUNS = {"s4eca": 1, "language_blind": 0}  # run name -> config language_guidance
+NUM_PREDICTIONS = 4  # val examples written by the predictor
+COLUMNS = ("mIoU", "oIoU", "P@0.5", "P@0.7", "P@0.9")
+
+
+def progress(message: str) -> None:
+  print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Data: the RRSIS-D layout, built by the rrsis_d builder.
+# ---------------------------------------------------------------------------------------
+
+
+def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
+  """Writes (once) the synthetic RRSIS-D layout and builds it with `rrsis_d`; returns the
+  prepare report (name, tfds_data_dir, examples) plus "layout_dir"."""
+  s = config.synthetic
+  name = tfds_builders.synthetic_config(s.num_train, s.num_val, s.num_test, s.image_size,
+                                        s.seed).name
+  layout_dir = data_dir / "downloads" / "synthetic_rrsis" / name
+  if not (layout_dir / layouts.RRSISD_REFS).exists():  # written last: layout complete
+    progress(f"writing {s.num_train}/{s.num_val}/{s.num_test} synthetic scenes in the RRSIS-D "
+             f"layout to {layout_dir}")
+    synthetic.write_rrsis_layout(layout_dir, num_train=s.num_train, num_val=s.num_val,
+                                 num_test=s.num_test, image_size=s.image_size, seed=s.seed)
+  args = prepare.parse_args(["rrsis_d", "--manual_dir", str(layout_dir), "--data_dir",
+                             str(data_dir / "rrsis_d_synthetic" / name)])
+  report = prepare.prepare(args)
+  state = "reused" if report["reused"] else "built"
+  progress(f"rrsis_d {state} from the layout: {report['examples']} in {report['data_dir']}")
+  return dict(report, layout_dir=str(layout_dir))
+
+
+def expression_types(layout_dir: str | Path) -> dict[int, str]:
+  """sent_id -> expression type, as the generator recorded it in refs(unc).p."""
+  refs = layouts.load_builtin_pickle(Path(layout_dir) / layouts.RRSISD_REFS)
+  return {int(s["sent_id"]): s["type"] for ref in refs for s in ref["sentences"]}
+
+
+# ---------------------------------------------------------------------------------------
+# One run: train (or reuse), evaluate, pictures.
+# ---------------------------------------------------------------------------------------
+
+
+def run_config(config_arg: str, language_guidance: int, data: dict) -> ml_collections.ConfigDict:
+  arg = ",".join(filter(None, [config_arg, f"language_guidance={language_guidance}"]))
+  config = demo_config.get_config(arg)
+  config.dataset = "rrsis_d"
+  config.data_dir = data["tfds_data_dir"]
+  return config
+
+
+def per_type(rows, source, types: dict[int, str]) -> dict[str, dict[str, float]]:
+  """Metrics per expression type from the evaluator's (index, intersection, union) rows."""
+  groups = collections.defaultdict(list)
+  for index, intersection, union in rows:
+    groups[types[int(source[index]["sent_id"])]].append((intersection, union))
+  ordered = [t for t in synthetic.EXPRESSION_TYPES if t in groups]
+  return {t: metrics.metrics_from_counts(*np.asarray(groups[t]).T) for t in ordered}
+
+
+def write_curve(workdir: Path) -> Path:
+  points = [(m["step"], m["train/loss"]) for m in logs.read_metrics(workdir)
+            if "train/loss" in m]
+  steps, losses = zip(*points) if points else ((), ())
+  return logs.curve_png(steps, losses, workdir / "training_curve.png",
+                        title=f"training loss (BCE + Dice), {workdir.name}", size=(560, 320))
+
+
+def pick_attention_example(source, types: dict[int, str]) -> int:
+  """The first val example with a location expression (the hardest type), else 0."""
+  for index in range(len(source)):
+    if types[int(source[index]["sent_id"])] == "location":
+      return index
+  return 0
+
+
+def attention_picture(predictor: predict.Predictor, source, index: int, path: Path) -> Path:
+  config = predictor.config
+  example = source[index]
+  tokenizer = predictor.tokenizer
+  features = pipeline.preprocess(example, image_size=config.image_size, tokenizer=tokenizer,
+                                 mean=config.image_mean, std=config.image_std)
+  selections, logits = attention_plots.adapter_selections(
+      predictor.setup.model, predictor.params, features["image"], features["input_ids"],
+      features["attention_mask"])
+  image = logs.to_uint8_image(features["image"], config.image_mean, config.image_std)
+  prediction = np.asarray(metrics.masks_from_logits(logits[None], config.mask_probability))[0]
+  return attention_plots.selection_png(
+      image, features["mask"] > 0.5, prediction, pipeline.example_text(example["expression"]),
+      selections, config.model.visual_adapter.kernel_sizes, path)
+
+
+def write_predictions(predictor: predict.Predictor, source, layout_dir: str,
+                      out_dir: Path) -> list[Path]:
+  """Masks and overlays for the first val examples, read from the layout's JPEGs."""
+  written = []
+  for index in range(min(NUM_PREDICTIONS, len(source))):
+    example = source[index]
+    image_path = Path(layout_dir) / layouts.RRSISD_IMAGES / f"{int(example['image_id']):05d}.jpg"
+    image = predict.read_image(image_path)
+    expression = pipeline.example_text(example["expression"])
+    mask = predictor(image, expression)
+    written.append(predict.write_outputs(image, mask, expression,
+                                         out_dir / f"val{index:03d}_{image_path.stem}.png"))
+  return written
+
+
+def run(name: str, config: ml_collections.ConfigDict, workdir: Path, data: dict) -> dict:
+  """Trains (resuming or reusing) and evaluates one run; returns its results."""
+  progress(f"{name}: training {workdir} (language_guidance={config.model.language_guidance})")
+  started = time.perf_counter()
+  result = train.train(config, workdir)
+  if result["stopped_by"]:
+    raise SystemExit(f"{name}: stopped by {result['stopped_by']} at step {result['step']}; "
+                     "rerun the same command to resume.")
+  train_seconds = time.perf_counter() - started
+
+  progress(f"{name}: evaluating on val")
+  predictor = predict.Predictor(workdir, "latest")
+  trainable, step = evaluate.restore_trainable(predictor.setup, workdir, "latest")
+  evaluator = evaluate.Evaluator(predictor.setup, predictor.config, predictor.tokenizer, "val")
+  results = evaluator.run(trainable, step=step, workdir=workdir, details=True)
+  types = expression_types(data["layout_dir"])
+  overall = {k.rsplit("/", 1)[1]: v for k, v in results.items()
+             if k.startswith("val/") and not k.startswith("val/original/")}
+  by_type = per_type(results["rows"], evaluator.source, types)
+
+  progress(f"{name}: pictures and predictions")
+  pictures = {
+      "overlays": workdir / "overlays" / f"val_step{step:07d}.png",
+      "curve": write_curve(workdir),
+      "adapters": attention_picture(predictor, evaluator.source,
+                                    pick_attention_example(evaluator.source, types),
+                                    workdir / "adapter_selection.png"),
+      "predictions": write_predictions(predictor, evaluator.source, data["layout_dir"],
+                                       workdir / "predictions")[0].parent,
+  }
+  summary = {"step": step, "train_seconds": round(train_seconds, 1), "val": overall,
+             "val_per_type": by_type}
+  (workdir / "demo_results.json").write_text(json.dumps(summary, indent=1))
+  return dict(summary, pictures=pictures)
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+
+def _cells(values: dict[str, float]) -> list[str]:
+  return [f"{100 * values[c]:.1f}" for c in COLUMNS]
+
+
+def markdown_tables(results: dict[str, dict]) -> str:
+  """The overall table (one row per run) and mIoU per expression type (one column per run)."""
+  lines = ["## synthetic_rrsis val (input protocol, %)", "",
+           "| run | n | " + " | ".join(COLUMNS) + " | steps | train s |",
+           "|---" * (len(COLUMNS) + 4) + "|"]
+  for name, result in results.items():
+    lines.append(f"| {name} | {int(result['val']['n'])} | " + " | ".join(_cells(result["val"]))
+                 + f" | {result['step']} | {result['train_seconds']} |")
+  lines += ["", "## mIoU (%) and P@0.5 (%) per expression type", "",
+            "| type | n | " + " | ".join(f"{name} mIoU | {name} P@0.5" for name in results)
+            + " |", "|---" * (2 + 2 * len(results)) + "|"]
+  first = next(iter(results.values()))["val_per_type"]
+  for kind, values in first.items():
+    cells = [f"{100 * r['val_per_type'][kind]['mIoU']:.1f} | "
+             f"{100 * r['val_per_type'][kind]['P@0.5']:.1f}" for r in results.values()]
+    lines.append(f"| {kind} | {values['n']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict[str, dict]:
+  parser = argparse.ArgumentParser(prog="python -m s4eca_jax.demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", type=Path, default=Path("workdirs/demo"),
+                      help="where the runs and results.md go (default workdirs/demo)")
+  parser.add_argument("--data_dir", type=Path, default=Path("data"),
+                      help="where the synthetic layout and its rrsis_d build go (default data)")
+  parser.add_argument("--ablate", action="store_true",
+                      help="also train the language-blind run (proxies, words and sentence "
+                           "zeroed) and compare")
+  parser.add_argument("--config_arg", default="",
+                      help="argument of configs/demo.py, e.g. variant=tiny (tests)")
+  args = parser.parse_args(argv)
+
+  started = time.perf_counter()
+  progress(f"{jax.device_count()} {jax.default_backend()} device(s); config "
+           f"configs/demo.py:{args.config_arg}")
+  data = prepare_data(demo_config.get_config(args.config_arg), args.data_dir)
+  names = list(RUNS) if args.ablate else ["s4eca"]
+  results = {name: run(name, run_config(args.config_arg, RUNS[name], data),
+                       args.workdir / name, data) for name in names}
+
+  tables = markdown_tables(results)
+  (args.workdir / "results.md").write_text(tables)
+  print("\n" + tables)
+  for name, result in results.items():
+    print(f"{name} pictures:")
+    for what, path in result["pictures"].items():
+      print(f"  {what:<12} {path}")
+  print(f"tables: {args.workdir / 'results.md'}")
+  progress(f"done in {time.perf_counter() - started:.0f} s")
+  return results
+
+
+if __name__ == "__main__":
+  main()
