@@ -78,10 +78,10 @@ _BERT = [
     (r"block_(?P<k>\d+)/attn/(?P<p>query|key|value)/(?P<leaf>\w+)",
      ["encoder.layer.{i}.attention.self.{p}.{leaf}"]),
     (r"block_(?P<k>\d+)/attn/out/(?P<leaf>\w+)", ["encoder.layer.{i}.attention.output.dense.{leaf}"]),
-    (r"block_(?P<k>\d+)/attn_norm/(?P<leaf>\w+)", ["encoder.layer.{i}.attention.output.LayerNorm.{leaf}"]),
+    (r"block_(?P<k>\d+)/norm1/(?P<leaf>\w+)", ["encoder.layer.{i}.attention.output.LayerNorm.{leaf}"]),
     (r"block_(?P<k>\d+)/mlp/fc1/(?P<leaf>\w+)", ["encoder.layer.{i}.intermediate.dense.{leaf}"]),
     (r"block_(?P<k>\d+)/mlp/fc2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.dense.{leaf}"]),
-    (r"block_(?P<k>\d+)/mlp_norm/(?P<leaf>\w+)", ["encoder.layer.{i}.output.LayerNorm.{leaf}"]),
+    (r"block_(?P<k>\d+)/norm2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.LayerNorm.{leaf}"]),
     (r"pooler/(?P<leaf>\w+)", ["pooler.dense.{leaf}"]),
 ]
 

@@ -45,19 +45,26 @@ class _AdapterHook(nn.Module):
     return x, tapped, state
 
 
-class ClipTextBlock(nn.Module):
+class TextBlock(nn.Module):
+  """Transformer block: pre-LN (CLIP) or post-LN (BERT), with a key-padding/causal mask."""
+
   num_heads: int
   mlp_dim: int
   act: str
   layer_norm_eps: float
+  pre_norm: bool
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask):
     norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-    x = x + layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
-        norm("norm1")(x), mask=mask)
-    return x + layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(norm("norm2")(x))
+    attn = layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
+    mlp = layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")
+    if self.pre_norm:
+      x = x + attn(norm("norm1")(x), mask=mask)
+      return x + mlp(norm("norm2")(x))
+    x = norm("norm1")(x + attn(x, mask=mask))
+    return norm("norm2")(x + mlp(x))
 
 
 class ClipTextEncoder(_AdapterHook):
@@ -88,10 +95,10 @@ class ClipTextEncoder(_AdapterHook):
 
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = layers.padding_mask(attention_mask) & causal[None, None]  # (B, 1, L, L)
-    block_cls = nn.remat(ClipTextBlock) if self.remat else ClipTextBlock
+    block_cls = nn.remat(TextBlock) if self.remat else TextBlock
     make_block = lambda k: (lambda h: block_cls(
-        self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, self.dtype,
-        name=f"block_{k}")(h, mask))
+        self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=True,
+        dtype=self.dtype, name=f"block_{k}")(h, mask))
     x, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
     tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
 
@@ -105,21 +112,6 @@ class ClipTextEncoder(_AdapterHook):
       sentence = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
                           name="text_projection")(sentence)
     return {"tokens": tokens, "sentence": sentence, "taps": tapped, "adapter_state": state}
-
-
-class BertBlock(nn.Module):
-  num_heads: int
-  mlp_dim: int
-  act: str
-  layer_norm_eps: float
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-    x = norm("attn_norm")(
-        x + layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(x, mask=mask))
-    return norm("mlp_norm")(x + layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(x))
 
 
 POOLINGS = ("mean", "cls", "pooler")
@@ -160,10 +152,10 @@ class BertEncoder(_AdapterHook):
     x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
 
     mask = layers.padding_mask(attention_mask)  # (B, 1, 1, L)
-    block_cls = nn.remat(BertBlock) if self.remat else BertBlock
+    block_cls = nn.remat(TextBlock) if self.remat else TextBlock
     make_block = lambda k: (lambda h: block_cls(
-        self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, self.dtype,
-        name=f"block_{k}")(h, mask))
+        self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=False,
+        dtype=self.dtype, name=f"block_{k}")(h, mask))
     tokens, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
 
     out = {"tokens": tokens, "taps": tapped, "adapter_state": state}
