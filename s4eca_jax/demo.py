@@ -14,7 +14,8 @@ overlays/val_step*.png (fixed val examples: image | truth | prediction),
 adapter_selection.png (the adapters' spatial maps and scale weights for one example),
 predictions/ (masks and overlays from s4eca_jax.predict). WORKDIR/results.md holds the
 metrics tables (overall and per expression type). A second call reuses the data and the
-trained runs (an interrupted run resumes from its last checkpoint).
+trained runs (an interrupted run resumes from its last checkpoint) and the compiled
+steps (WORKDIR/jax_cache).
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ def expression_types(layout_dir: str | Path) -> dict[int, str]:
 def run_config(config_arg: str, language_guidance: int, data: dict) -> ml_collections.ConfigDict:
   arg = ",".join(filter(None, [config_arg, f"language_guidance={language_guidance}"]))
   config = demo_config.get_config(arg)
-  config.dataset = "rrsis_d"
   config.data_dir = data["tfds_data_dir"]
   return config
 
@@ -222,6 +222,8 @@ def main(argv=None) -> dict[str, dict]:
   args = parser.parse_args(argv)
 
   started = time.perf_counter()
+  if not jax.config.jax_compilation_cache_dir:  # a rerun skips XLA compilation
+    jax.config.update("jax_compilation_cache_dir", str(args.workdir / "jax_cache"))
   progress(f"{jax.device_count()} {jax.default_backend()} device(s); config "
            f"configs/demo.py:{args.config_arg}")
   data = prepare_data(demo_config.get_config(args.config_arg), args.data_dir)
