@@ -104,12 +104,13 @@ def write_curve(workdir: Path) -> Path:
                         title=f"training loss (BCE + Dice), {workdir.name}", size=(560, 320))
 
 
-def pick_attention_example(source, types: dict[int, str]) -> int:
-  """The first val example with a location expression (the hardest type), else 0."""
-  for index in range(len(source)):
-    if types[int(source[index]["sent_id"])] == "location":
-      return index
-  return 0
+def pick_attention_example(rows, source, types: dict[int, str]) -> int:
+  """The first val example with a location expression (the hardest type) segmented with
+  IoU >= 0.5, else the first with IoU >= 0.5, else the first."""
+  hits = [index for index, intersection, union in sorted(rows)
+          if union and intersection / union >= 0.5]
+  located = [i for i in hits if types[int(source[i]["sent_id"])] == "location"]
+  return (located or hits or [0])[0]
 
 
 def attention_picture(predictor: predict.Predictor, source, index: int, path: Path) -> Path:
@@ -168,7 +169,8 @@ def run(name: str, config: ml_collections.ConfigDict, workdir: Path, data: dict)
       "overlays": workdir / "overlays" / f"val_step{step:07d}.png",
       "curve": write_curve(workdir),
       "adapters": attention_picture(predictor, evaluator.source,
-                                    pick_attention_example(evaluator.source, types),
+                                    pick_attention_example(results["rows"],
+                                                           evaluator.source, types),
                                     workdir / "adapter_selection.png"),
       "predictions": write_predictions(predictor, evaluator.source, data["layout_dir"],
                                        workdir / "predictions")[0].parent,
