@@ -47,9 +47,10 @@ def adapter_selections(model, params, image: np.ndarray, input_ids: np.ndarray,
 
 
 def _map_panel(image: np.ndarray, values: np.ndarray, tile: int) -> Image.Image:
-  """A (h, w) map stretched to its own range, upsampled, blended over the image."""
+  """A (h, w) map stretched to its own range (absolute when flat: a saturated sigmoid),
+  upsampled, blended over the image."""
   low, high = float(values.min()), float(values.max())
-  stretched = (values - low) / max(high - low, 1e-6)
+  stretched = (values - low) / (high - low) if high - low > 0.05 else values
   heat = Image.fromarray(heat_colours(stretched)).resize((tile, tile), Image.BILINEAR)
   base = Image.fromarray(image).resize((tile, tile), Image.BILINEAR)
   return Image.blend(base, heat, 0.6)
@@ -64,7 +65,8 @@ def _legend_panel(tile: int, font) -> Image.Image:
   draw.text((20, 22), "spatial selection m_k, per map:", fill="black", font=font)
   draw.text((20, 58), "low", fill="black", font=font)
   draw.text((2 * tile - 50, 58), "high", fill="black", font=font)
-  notes = ("[min, max] of each sigmoid map below it;",
+  notes = ("[min, max] of each sigmoid map below it (a flat",
+           "map is drawn at its value: 0 dark, 1 yellow);",
            "scale weights: softmax over the branches,",
            "averaged over the adapter's channels.")
   for i, line in enumerate(notes):

@@ -222,6 +222,8 @@ def main(argv=None) -> dict[str, dict]:
   parser.add_argument("--config_arg", default="",
                       help="argument of configs/demo.py, e.g. variant=tiny (tests)")
   args = parser.parse_args(argv)
+  # Absolute: the runs' config.json must work from any directory (evaluate, predict CLIs).
+  args.workdir, args.data_dir = args.workdir.resolve(), args.data_dir.resolve()
 
   started = time.perf_counter()
   if not jax.config.jax_compilation_cache_dir:  # a rerun skips XLA compilation
