@@ -100,8 +100,11 @@ def write_curve(workdir: Path) -> Path:
   points = [(m["step"], m["train/loss"]) for m in logs.read_metrics(workdir)
             if "train/loss" in m]
   steps, losses = zip(*points) if points else ((), ())
-  return logs.curve_png(steps, losses, workdir / "training_curve.png",
-                        title=f"training loss (BCE + Dice), {workdir.name}", size=(560, 320))
+  smoothed = []  # the logged losses are single batches: an EMA shows the trend
+  for loss in losses:
+    smoothed.append(loss if not smoothed else 0.8 * smoothed[-1] + 0.2 * loss)
+  return logs.curve_png(steps, smoothed, workdir / "training_curve.png", size=(560, 320),
+                        title=f"training loss (BCE + Dice, EMA 0.8), {workdir.name}")
 
 
 def pick_attention_example(rows, source, types: dict[int, str]) -> int:
