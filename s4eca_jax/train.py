@@ -342,7 +342,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
             f"{k}={v:.4f}" for k, v in eval_metrics.items()
             if k.rsplit("/", 1)[-1] in ("mIoU", "oIoU", "P@0.5")))
         save(eval_metrics)
-      elif step % ckpt_every == 0:
+      elif step % ckpt_every == 0 or step == total_steps:
         save()
       else:
         saved = False
