@@ -128,10 +128,10 @@ class Evaluator:
     gt = host_batch["mask"][:count] > 0.5
     expressions = [pipeline.example_text(self.source[int(i)]["expression"])
                    for i in host_batch["index"][:count]]
-    counts = [metrics.referring_metrics([p], [g])["mIoU"] for p, g in zip(pred[:count], gt)]
+    ious = [metrics.referring_metrics([p], [g])["mIoU"] for p, g in zip(pred[:count], gt)]
     return logs.overlay_grid(images, gt, pred[:count], expressions,
                              Path(workdir) / "overlays" / f"{self.split}_step{step:07d}.png",
-                             ious=counts)
+                             ious=ious)
 
 
 def per_category(rows, source, names: list[str] | None) -> dict[str, dict[str, float]]:
