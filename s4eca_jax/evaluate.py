@@ -176,9 +176,7 @@ def restore_trainable(setup: "train.Setup", workdir: Path, which: str) -> tuple[
       if step not in steps:
         raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
                                 f"available: {sorted(steps)}.")
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            setup.state, setup.state_shardings)
-    state, _ = ckpt.restore(step, abstract)
+    state, _ = setup.restore(ckpt, step)
   finally:
     ckpt.close()
   return state["params"], step

@@ -89,6 +89,12 @@ class Setup:
   tx: optax.GradientTransformation | None
   schedule: Callable[[int], Any] | None
 
+  def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> tuple[dict, Any]:
+    """(state, data iterator state) of checkpoint `step`, placed like `self.state`."""
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.state_shardings)
+    return ckpt.restore(step, abstract)
+
 
 def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
                   mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
@@ -279,10 +285,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
   state = setup.state
   latest = ckpt.latest_step()
   if latest is not None:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-        setup.state_shardings)
-    state, data_state = ckpt.restore(latest, abstract)
+    state, data_state = setup.restore(ckpt, latest)
     train_iter.set_state(data_state)
     log(f"resumed from step {latest}")
   step = int(jax.device_get(state["step"]))

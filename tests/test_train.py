@@ -29,9 +29,7 @@ def _params_and_losses(workdir):
   ckpt = checkpoint.Checkpointer(workdir)
   mesh = train.sharding.make_mesh((("data", 1), ("fsdp", 1)))
   setup = train.build(config, mesh, total_steps=1)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          setup.state, setup.state_shardings)
-  state, _ = ckpt.restore(ckpt.latest_step(), abstract)
+  state, _ = setup.restore(ckpt, ckpt.latest_step())
   ckpt.close()
   return jax.device_get(state["params"]), losses
 
