@@ -4,12 +4,13 @@ scale weights, padding mask, zeroed proxies, ablation switches."""
 import functools
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s4eca_jax.models import adapters, vit
+from s4eca_jax.models import adapters, layers, vit
 
 BATCH, WIDTH, PREFIX, GRID, NUM_QUERIES = 2, 32, 3, (6, 6), 4
 TOKENS = PREFIX + GRID[0] * GRID[1]
@@ -156,3 +157,20 @@ def test_textual_adapter_reads_valid_words_only():
   np.testing.assert_allclose(changed[0], proxies[0], atol=1e-6)
   with pytest.raises(ValueError, match="taps"):
     module.apply({"params": params}, {1: taps[1]}, mask)
+
+
+@pytest.mark.parametrize("size", [3, 4, 7])
+def test_depthwise_conv_equals_grouped_conv(size):
+  """The shifted-sum depthwise conv has nn.Conv's parameters, outputs and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 8))
+  ours = layers.DepthwiseConv(size)
+  grouped = nn.Conv(8, (size, size), padding="SAME", feature_group_count=8)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, grouped.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
+  np.testing.assert_allclose(ours.apply(params, x), grouped.apply(params, x), atol=1e-5)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(grouped), argnums=(0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, atol=1e-4)

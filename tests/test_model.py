@@ -83,10 +83,11 @@ def test_forward_shapes_and_intermediates(tiny):
 
 def test_language_reaches_the_image_path(tiny):
   config, model, params = tiny
-  # Trained-looking adapters: a fresh one (zero up-projection) is the identity.
+  # Trained-looking adapters: a fresh one (zero up-projection) is the identity, and its
+  # spatial maps (zero-initialised conv) are 0.5 everywhere.
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   key = jax.random.PRNGKey(3)
-  for path in [p for p in flat if "/adapter/up/" in p]:
+  for path in [p for p in flat if "/adapter/up/" in p or "/spatial_conv/kernel" in p]:
     key, sub = jax.random.split(key)
     flat[path] = 0.5 * jax.random.normal(sub, flat[path].shape)
   params = flax.traverse_util.unflatten_dict(flat, sep="/")

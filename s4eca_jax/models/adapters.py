@@ -30,6 +30,18 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + COSINE_EPS)
 
 
+def standardize_over_space(x: jax.Array) -> jax.Array:
+  """(B, h, w, C) -> zero mean, unit variance over (h, w) per example and channel, in f32.
+
+  The spatial-selection conv then sees where a statistic is high *relative to the rest of
+  the image*, whatever its scale; constant maps (zero proxies) map to zeros.
+  """
+  x = x.astype(jnp.float32)
+  centred = x - x.mean(axis=(1, 2), keepdims=True)
+  return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=(1, 2), keepdims=True)
+                                 + COSINE_EPS)
+
+
 class QueryReader(nn.Module):
   """One textual-adapter step: the queries read one block's word tokens.
 
@@ -99,8 +111,7 @@ class DenseMultiScale(nn.Module):
     for i, size in enumerate(self.kernel_sizes):
       inputs = jnp.concatenate([x] + branches, axis=-1) if self.dense else x
       y = nn.Dense(width, dtype=self.dtype, name=f"branch_{i}_pointwise")(inputs)
-      y = nn.Conv(width, (size, size), padding="SAME", feature_group_count=width,
-                  dtype=self.dtype, name=f"branch_{i}_depthwise")(y)
+      y = layers.DepthwiseConv(size, self.dtype, name=f"branch_{i}_depthwise")(y)
       branches.append(gelu(y))
     return jnp.stack(branches, axis=3)
 
@@ -157,10 +168,12 @@ class VisualAdapter(nn.Module):
     if self.spatial_selection:
       cosine = jnp.einsum("bhwc,bqc->bhwq", l2_normalize(fused), l2_normalize(proxies))
       stats = jnp.concatenate([branches.mean(-1), branches.max(-1)], axis=-1)  # (B, h, w, 2K)
-      maps_in = jnp.concatenate([cosine.astype(self.dtype), stats], axis=-1)
+      maps_in = standardize_over_space(jnp.concatenate([cosine, stats], axis=-1))
+      # Zero init: every map starts at 0.5 everywhere and learns where to select.
       spatial_maps = jax.nn.sigmoid(nn.Conv(
           num_scales, (self.spatial_kernel,) * 2, padding="SAME", dtype=self.dtype,
-          name="spatial_conv")(maps_in).astype(jnp.float32))  # (B, h, w, K)
+          kernel_init=nn.initializers.zeros, name="spatial_conv")(
+              maps_in.astype(self.dtype)).astype(jnp.float32))  # (B, h, w, K)
       self.sow("intermediates", "spatial_maps", spatial_maps)
     else:
       spatial_maps = jnp.ones(branches.shape[:4])

@@ -67,6 +67,68 @@ class MultiHeadAttention(nn.Module):
     return dense("out", self.out_features or inputs_q.shape[-1])(out)
 
 
+def _shifted_sum(x, kernel, before: int, after: int):
+  """sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j]: x (B, H, W, C), kernel (k, k, C)."""
+  k = kernel.shape[0]
+  padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
+  height, width = x.shape[1:3]
+  return sum(padded[:, i:i + height, j:j + width] * kernel[i, j]
+             for i in range(k) for j in range(k))
+
+
+@jax.custom_vjp
+def depthwise_conv(x, kernel):
+  """Depthwise "SAME" convolution, stride 1: x (B, H, W, C), kernel (k, k, C).
+
+  Shifted products summed, forward and backward (the input gradient is the same sum with
+  the flipped kernel; the kernel gradient one reduction per tap). Autodiff of the slices
+  would pad every tap's gradient to full size, which XLA:CPU does not fuse.
+  """
+  k = kernel.shape[0]
+  return _shifted_sum(x, kernel, (k - 1) // 2, k - 1 - (k - 1) // 2)
+
+
+def _depthwise_fwd(x, kernel):
+  return depthwise_conv(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(residuals, grad):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  before, after = (k - 1) // 2, k - 1 - (k - 1) // 2
+  grad_x = _shifted_sum(grad, kernel[::-1, ::-1], after, before)
+  padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
+  height, width = x.shape[1:3]
+  grad_kernel = jnp.stack([jnp.stack([
+      jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2))
+      for j in range(k)]) for i in range(k)])
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise 2-D convolution, stride 1, "SAME" padding (`depthwise_conv`).
+
+  Same parameters (kernel (k, k, 1, C), bias (C,), LeCun-normal init) and outputs as
+  `nn.Conv(C, (k, k), padding="SAME", feature_group_count=C)`, which XLA:CPU runs slowly
+  (7x7 on (8, 16, 16, 32): 8.5 ms forward against 0.4 ms for the shifted sum).
+  """
+
+  kernel_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: (B, H, W, C) -> (B, H, W, C)."""
+    k, channels = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    out = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
+    return out + bias.astype(self.dtype)
+
+
 class Mlp(nn.Module):
   """Two-layer MLP: fc1 -> activation -> fc2."""
 
