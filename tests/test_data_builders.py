@@ -309,3 +309,18 @@ def test_synthetic_builder_is_deterministic_and_reads_like_rrsis_d(tmp_path):
                                             image_size=64, seed=4, progress=False)
   assert ((other_seed / "JPEGImages/00001.jpg").read_bytes()
           != (layout_a / "JPEGImages/00001.jpg").read_bytes())
+
+
+def test_synthetic_layout_does_not_depend_on_the_number_of_workers(tmp_path):
+  layouts_written = [synthetic.write_rrsis_layout(
+      tmp_path / str(workers), num_train=120, num_val=4, num_test=4, image_size=64, seed=1,
+      progress=False, workers=workers) for workers in (1, 2)]
+  one, two = layouts_written
+  assert (one / layouts.RRSISD_INSTANCES).read_bytes() == (two / layouts.RRSISD_INSTANCES).read_bytes()
+  # Same content; the pickle bytes differ only in memoised (shared) strings.
+  assert (layouts.load_builtin_pickle(one / layouts.RRSISD_REFS)
+          == layouts.load_builtin_pickle(two / layouts.RRSISD_REFS))
+  images = sorted(p.name for p in (one / layouts.RRSISD_IMAGES).iterdir())
+  assert len(images) == 128
+  assert all((one / layouts.RRSISD_IMAGES / n).read_bytes()
+             == (two / layouts.RRSISD_IMAGES / n).read_bytes() for n in images)

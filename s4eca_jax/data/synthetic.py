@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import pickle
 from pathlib import Path
 from typing import Callable
@@ -396,39 +398,58 @@ def make_scene(rng: np.random.Generator, size: int, max_tries: int = 100) -> Sce
                      "larger --image_size (>= 64).")
 
 
+def _write_scene(job: tuple[Path, str, int, int, int, int]) -> dict:
+  """Draws scene i of a split, saves its JPEG; returns its image, annotation and ref."""
+  root, split, i, ident, image_size, seed = job
+  scene = make_scene(np.random.default_rng([seed, SPLIT_SEED[split], i]), image_size)
+  target = scene.objects[scene.target]
+  file_name = f"{ident:05d}.jpg"
+  Image.fromarray(scene.image).save(root / layouts.RRSISD_IMAGES / file_name, quality=90)
+  category_id = layouts.RRSISD_CATEGORIES.index(target.category)
+  x0, y0, x1, y1 = target.box
+  return {
+      "image": {"id": ident, "file_name": file_name, "height": image_size,
+                "width": image_size},
+      "annotation": {"id": ident, "image_id": ident, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                     "segmentation": [layouts.encode_rle(target.mask)],
+                     "area": target.area, "categories_id": category_id, "iscrowd": 0},
+      "ref": {"image_id": ident, "split": split, "file_name": file_name,
+              "category_id": category_id, "ann_id": ident, "ref_id": ident,
+              "sent_ids": [ident],
+              "sentences": [{"tokens": scene.expression.split(), "raw": scene.expression,
+                             "sent_id": ident, "sent": scene.expression,
+                             "type": scene.expression_type}]},
+  }
+
+
 def write_rrsis_layout(root: str | Path, *, num_train: int, num_val: int, num_test: int,
-                       image_size: int, seed: int, progress: bool = True) -> Path:
+                       image_size: int, seed: int, progress: bool = True,
+                       workers: int | None = None) -> Path:
   """Writes JPEGImages/NNNNN.jpg, instances.json and refs(unc).p under `root`, one ref
   (and sentence) per image, ids 1, 2, ... in train, val, test order. Each sentence also
   records its "type" (EXPRESSION_TYPES), which RRSIS-D readers ignore. refs(unc).p is
-  written last, so its presence marks a complete layout."""
+  written last, so its presence marks a complete layout.
+
+  Scenes are drawn in `workers` processes (default: one per CPU; 1: in this process).
+  Every scene has its own seed, so the files do not depend on the number of workers.
+  """
   root = Path(root)
   (root / layouts.RRSISD_IMAGES).mkdir(parents=True, exist_ok=True)
   counts = {"train": num_train, "val": num_val, "test": num_test}
-  images, annotations, refs = [], [], []
-  jobs = [(split, i) for split, n in counts.items() for i in range(n)]
-  for ident, (split, i) in enumerate(tqdm.tqdm(jobs, desc="synthetic scenes",
-                                               disable=not progress), start=1):
-    scene = make_scene(np.random.default_rng([seed, SPLIT_SEED[split], i]), image_size)
-    target = scene.objects[scene.target]
-    file_name = f"{ident:05d}.jpg"
-    Image.fromarray(scene.image).save(root / layouts.RRSISD_IMAGES / file_name, quality=90)
-    category_id = layouts.RRSISD_CATEGORIES.index(target.category)
-    x0, y0, x1, y1 = target.box
-    images.append({"id": ident, "file_name": file_name, "height": image_size,
-                   "width": image_size})
-    annotations.append({"id": ident, "image_id": ident, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "segmentation": [layouts.encode_rle(target.mask)],
-                        "area": target.area, "categories_id": category_id, "iscrowd": 0})
-    refs.append({"image_id": ident, "split": split, "file_name": file_name,
-                 "category_id": category_id, "ann_id": ident, "ref_id": ident,
-                 "sent_ids": [ident],
-                 "sentences": [{"tokens": scene.expression.split(), "raw": scene.expression,
-                                "sent_id": ident, "sent": scene.expression,
-                                "type": scene.expression_type}]})
+  jobs = [(root, split, i, ident, image_size, seed) for ident, (split, i) in enumerate(
+      ((split, i) for split, n in counts.items() for i in range(n)), start=1)]
+  workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 64))
+  bar = lambda items: tqdm.tqdm(items, total=len(jobs), desc="synthetic scenes",
+                                disable=not progress)
+  if workers > 1:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      written = list(bar(pool.imap(_write_scene, jobs, chunksize=32)))
+  else:
+    written = list(bar(map(_write_scene, jobs)))
   categories = [{"id": i, "name": name} for i, name in enumerate(layouts.RRSISD_CATEGORIES)]
   (root / layouts.RRSISD_INSTANCES).write_text(json.dumps(
-      {"images": images, "annotations": annotations, "categories": categories}))
+      {"images": [w["image"] for w in written],
+       "annotations": [w["annotation"] for w in written], "categories": categories}))
   with open(root / layouts.RRSISD_REFS, "wb") as f:
-    pickle.dump(refs, f, protocol=2)
+    pickle.dump([w["ref"] for w in written], f, protocol=2)
   return root
