@@ -13,7 +13,9 @@ root.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import statistics
+import sys
 import time
 
 import jax
@@ -24,6 +26,7 @@ from s4eca_jax import sharding, train
 
 
 def load_config(spec: str):
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports configs.common
   path, _, arg = spec.partition(":")
   module = path.replace("/", ".").removesuffix(".py")
   config = __import__(module, fromlist=["get_config"]).get_config(arg or None)
