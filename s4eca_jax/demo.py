@@ -23,14 +23,33 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
+import os
 import time
 from pathlib import Path
 
-import jax
-import ml_collections
-import numpy as np
-
 from configs import demo as demo_config
+
+
+def cpu_devices(num_cores: int, batch_sizes) -> int:
+  """The most XLA CPU devices (at most one per core) that split every batch evenly."""
+  divisor = math.gcd(*batch_sizes)
+  return max(d for d in range(1, max(1, num_cores) + 1) if divisor % d == 0)
+
+
+# Before jax is imported: the CPU as one XLA device per core, the batch split over them as
+# over GPUs. Small ops then keep every core busy (2 cores: 0.33 -> 0.28 s/step, see
+# bench/DEMO.md). A device count already in XLA_FLAGS is kept; GPUs are not affected.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _config = demo_config.get_config()
+  _count = cpu_devices(len(os.sched_getaffinity(0)), (_config.batch_size, _config.eval_batch_size))
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={_count}").strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from s4eca_jax import attention_plots, evaluate, logs, metrics, predict, prepare, train
 from s4eca_jax.data import layouts, pipeline, synthetic
 import tfds_builders

@@ -45,3 +45,11 @@ def test_ablation_config_and_side_by_side_tables():
   tables = demo.markdown_tables(results)
   assert "| s4eca | 4 | 50.0 | 60.0 | 50.0 | 25.0 | 0.0 | 2 | 1.0 |" in tables
   assert "| colour | 4 | 50.0 | 50.0 | 50.0 | 50.0 |" in tables
+
+
+def test_cpu_devices_split_the_batch_evenly():
+  assert demo.cpu_devices(2, (8, 16)) == 2
+  assert demo.cpu_devices(16, (8, 16)) == 8  # not 16: batch 8 would not split
+  assert demo.cpu_devices(6, (8, 16)) == 4
+  assert demo.cpu_devices(3, (8, 12)) == 2
+  assert demo.cpu_devices(1, (8,)) == 1 and demo.cpu_devices(0, (8,)) == 1
