@@ -79,7 +79,7 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
       dense_connectivity=True,  # 2. branch k also sees branches < k
       scale_selection=True,  # 3. False: uniform 1/K
       spatial_selection=True,  # 4. False: no spatial maps
-      spatial_kernel=7,  # 4. conv over [cosine maps ; mean/max per branch]
+      spatial_kernel=7,  # 4. conv over [cosine maps ; mean/max per branch], standardised over space
       cross_attention=True,  # 5. refinement by attention to the proxies
       num_heads=2 if tiny else 4)
   config.model.decoder = dict(
