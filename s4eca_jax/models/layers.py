@@ -67,13 +67,24 @@ class MultiHeadAttention(nn.Module):
     return dense("out", self.out_features or inputs_q.shape[-1])(out)
 
 
+def _same_padding(kernel_size: int) -> tuple[int, int]:
+  """(before, after) of "SAME" padding at stride 1: an even kernel's extra pad goes after."""
+  before = (kernel_size - 1) // 2
+  return before, kernel_size - 1 - before
+
+
+def _shifted_views(x, k: int, before: int, after: int):
+  """pad(x)[:, i:i+H, j:j+W] for the k*k taps (i, j) in row-major order; x (B, H, W, C)."""
+  padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
+  height, width = x.shape[1:3]
+  return [padded[:, i:i + height, j:j + width] for i in range(k) for j in range(k)]
+
+
 def _shifted_sum(x, kernel, before: int, after: int):
   """sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j]: x (B, H, W, C), kernel (k, k, C)."""
   k = kernel.shape[0]
-  padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
-  height, width = x.shape[1:3]
-  return sum(padded[:, i:i + height, j:j + width] * kernel[i, j]
-             for i in range(k) for j in range(k))
+  return sum(view * tap for view, tap in zip(_shifted_views(x, k, before, after),
+                                             kernel.reshape(k * k, -1)))
 
 
 @jax.custom_vjp
@@ -84,8 +95,7 @@ def depthwise_conv(x, kernel):
   the flipped kernel; the kernel gradient one reduction per tap). Autodiff of the slices
   would pad every tap's gradient to full size, which XLA:CPU does not fuse.
   """
-  k = kernel.shape[0]
-  return _shifted_sum(x, kernel, (k - 1) // 2, k - 1 - (k - 1) // 2)
+  return _shifted_sum(x, kernel, *_same_padding(kernel.shape[0]))
 
 
 def _depthwise_fwd(x, kernel):
@@ -95,14 +105,11 @@ def _depthwise_fwd(x, kernel):
 def _depthwise_bwd(residuals, grad):
   x, kernel = residuals
   k = kernel.shape[0]
-  before, after = (k - 1) // 2, k - 1 - (k - 1) // 2
+  before, after = _same_padding(k)
   grad_x = _shifted_sum(grad, kernel[::-1, ::-1], after, before)
-  padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
-  height, width = x.shape[1:3]
-  grad_kernel = jnp.stack([jnp.stack([
-      jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2))
-      for j in range(k)]) for i in range(k)])
-  return grad_x, grad_kernel.astype(kernel.dtype)
+  grad_kernel = jnp.stack([jnp.sum(view * grad, axis=(0, 1, 2))
+                           for view in _shifted_views(x, k, before, after)])
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
