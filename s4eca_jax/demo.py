@@ -70,7 +70,8 @@ def progress(message: str) -> None:
 
 def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
   """Writes (once) the synthetic RRSIS-D layout and builds it with `rrsis_d`; returns the
-  prepare report (name, tfds_data_dir, examples) plus "layout_dir"."""
+  prepare report (name, tfds_data_dir, examples) plus "layout_dir" and
+  "expression_types" (sent_id -> type)."""
   s = config.synthetic
   name = tfds_builders.synthetic_config(s.num_train, s.num_val, s.num_test, s.image_size,
                                         s.seed).name
@@ -85,7 +86,7 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
   report = prepare.prepare(args)
   state = "reused" if report["reused"] else "built"
   progress(f"rrsis_d {state} from the layout: {report['examples']} in {report['data_dir']}")
-  return dict(report, layout_dir=str(layout_dir))
+  return dict(report, layout_dir=str(layout_dir), expression_types=expression_types(layout_dir))
 
 
 def expression_types(layout_dir: str | Path) -> dict[int, str]:
@@ -178,10 +179,10 @@ def run(name: str, config: ml_collections.ConfigDict, workdir: Path, data: dict)
 
   progress(f"{name}: evaluating on val")
   predictor = predict.Predictor(workdir, "latest")
-  trainable, step = evaluate.restore_trainable(predictor.setup, workdir, "latest")
+  step = predictor.step
   evaluator = evaluate.Evaluator(predictor.setup, predictor.config, predictor.tokenizer, "val")
-  results = evaluator.run(trainable, step=step, workdir=workdir, details=True)
-  types = expression_types(data["layout_dir"])
+  results = evaluator.run(predictor.trainable, step=step, workdir=workdir, details=True)
+  types = data["expression_types"]
   overall = {k.rsplit("/", 1)[1]: v for k, v in results.items()
              if k.startswith("val/") and not k.startswith("val/original/")}
   by_type = per_type(results["rows"], evaluator.source, types)

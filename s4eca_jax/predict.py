@@ -54,8 +54,8 @@ class Predictor:
 
   def __init__(self, workdir: str | Path, which: str = "best"):
     self.config, self.setup, _ = evaluate.load_run(workdir)
-    trainable, self.step = evaluate.restore_trainable(self.setup, Path(workdir), which)
-    self.params = partition.merge(trainable, self.setup.frozen)
+    self.trainable, self.step = evaluate.restore_trainable(self.setup, Path(workdir), which)
+    self.params = partition.merge(self.trainable, self.setup.frozen)
     self.tokenizer = tokenize.load_tokenizer(train.tokenizer_folder(self.config),
                                              self.config.max_length)
     self._forward = jax.jit(lambda params, image, ids, mask: self.setup.model.apply(
