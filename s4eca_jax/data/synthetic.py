@@ -430,7 +430,8 @@ def write_rrsis_layout(root: str | Path, *, num_train: int, num_val: int, num_te
   records its "type" (EXPRESSION_TYPES), which RRSIS-D readers ignore. refs(unc).p is
   written last, so its presence marks a complete layout.
 
-  Scenes are drawn in `workers` processes (default: one per CPU; 1: in this process).
+  Scenes are drawn in `workers` processes (default: one per CPU core this process may
+  use; 1: in this process).
   Every scene has its own seed, so the files do not depend on the number of workers.
   """
   root = Path(root)
@@ -438,7 +439,7 @@ def write_rrsis_layout(root: str | Path, *, num_train: int, num_val: int, num_te
   counts = {"train": num_train, "val": num_val, "test": num_test}
   jobs = [(root, split, i, ident, image_size, seed) for ident, (split, i) in enumerate(
       ((split, i) for split, n in counts.items() for i in range(n)), start=1)]
-  workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 64))
+  workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(jobs) // 64))
   bar = lambda items: tqdm.tqdm(items, total=len(jobs), desc="synthetic scenes",
                                 disable=not progress)
   if workers > 1:
