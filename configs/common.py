@@ -87,6 +87,8 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
       width=32 if tiny else 256, num_layers=2 if tiny else 3, num_heads=4 if tiny else 8,
       mlp_dim=64 if tiny else 1024, sentence_gate=True,
       projector_dims=(16, 16) if tiny else (128, 64),  # one x2 upsampling stage each
+      coordinate_freqs=0,  # > 0: cosine bases of x and y joined to the projector
+      pixel_dim=0,  # > 0: the pixel path, a conv stem scored against the projector
       norm_groups=4 if tiny else 32)
 
   config.loss = dict(bce_weight=1.0, dice_weight=1.0)

@@ -71,3 +71,33 @@ def test_sine_position_encoding():
   assert len({enc[i, j].tobytes() for i in range(4) for j in range(6)}) == 24  # all distinct
   with pytest.raises(ValueError, match="divisible by 4"):
     decoder.sine_position_encoding(4, 6, 18)
+
+
+def test_coordinate_channels():
+  coords = decoder.coordinate_channels(4, 6, 3)
+  assert coords.shape == (4, 6, 6) and np.abs(coords).max() <= 1.0
+  x_ramp, y_ramp = coords[..., 0], coords[..., 3]  # cos(pi u): 1 at the left/top, -1 at the far side
+  assert np.all(np.diff(x_ramp, axis=1) < 0) and np.all(np.diff(x_ramp, axis=0) == 0)
+  assert np.all(np.diff(y_ramp, axis=0) < 0) and np.all(np.diff(y_ramp, axis=1) == 0)
+  np.testing.assert_allclose(coords[:, :, 1], coords[:, ::-1, 1], atol=1e-6)  # centre bump
+
+
+def test_coordinates_and_pixel_path():
+  module = MODULE.clone(coordinate_freqs=2, pixel_dim=8)
+  args = _inputs()
+  images = jax.random.normal(jax.random.PRNGKey(7), (BATCH, *OUT, 3))
+  params = module.init(jax.random.PRNGKey(0), *args, OUT, images=images)["params"]
+  assert params["dynamic_kernel"]["kernel"].shape == (16, 8 + 4 + 1)  # + 2 x 2 coordinates
+  assert params["upsample_0"]["conv"]["kernel"].shape[2] == 32 + 4  # width + coordinates
+  apply = lambda p, imgs: module.apply({"params": p}, *args, OUT, images=imgs)["logits"]
+  other = images[::-1]
+  # The pixel query starts at zero: the path is a no-op until it trains.
+  np.testing.assert_allclose(apply(params, images), apply(params, other), atol=1e-6)
+  query = params["pixel_query"]["kernel"]
+  trained = {**params, "pixel_query": {**params["pixel_query"],
+                                       "kernel": jax.random.normal(jax.random.PRNGKey(1), query.shape)}}
+  changed = apply(trained, other)
+  assert np.all(np.isfinite(changed))
+  assert not np.allclose(apply(trained, images), changed, atol=1e-4)  # it reads the pixels
+  with pytest.raises(ValueError, match="pixel_dim"):
+    module.apply({"params": params}, *args, OUT)

@@ -5,6 +5,15 @@ norm) -> sentence-gated neck (1x1 per tap, concat, 1x1 + 3x3 fuse, 2-D sine posi
 -> transformer layers (pixel self-attention, cross-attention to [word tokens ; proxies])
 -> projector (x2 upsampling stages, then a 1x1 kernel generated from the sentence) ->
 logits, bilinearly upsampled to the input size.
+
+Two options beyond the paper, off by default (configs/demo.py turns them on; the runs
+behind them are in bench/DEMO.md):
+- coordinate_freqs: cosine bases of x and y joined to each projector input, so the
+  sentence kernel can weigh "left", "top", "middle" directly.
+- pixel_dim: the pixel path, for objects only a few patches wide. A conv stem embeds the
+  image at the projector's resolution and is scored against a query from the projector
+  features; the coarse map's probability gates the score, so it refines the coarse mask
+  near the target instead of lighting up every object.
 """
 
 from __future__ import annotations
@@ -33,6 +42,18 @@ def sine_position_encoding(height: int, width: int, dim: int,
   y, x = enc(ys), enc(xs)  # (h, dim/2), (w, dim/2)
   return np.concatenate([np.broadcast_to(y[:, None], (height, width, dim // 2)),
                          np.broadcast_to(x[None], (height, width, dim // 2))],
+                        -1).astype(np.float32)
+
+
+def coordinate_channels(height: int, width: int, num_freqs: int) -> np.ndarray:
+  """(h, w, 2 * num_freqs) cosine bases of the position, cos(pi k u) for k = 1..num_freqs
+  and u in (0, 1) across x (first half) and y: a ramp, a centre bump, thirds... from
+  which a 1x1 kernel reads "left", "middle", "top"."""
+  k = np.arange(1, num_freqs + 1)
+  basis = lambda n: np.cos(np.pi * k * ((np.arange(n) + 0.5) / n)[:, None])  # (n, K)
+  x, y = basis(width), basis(height)
+  return np.concatenate([np.broadcast_to(x[None], (height, width, num_freqs)),
+                         np.broadcast_to(y[:, None], (height, width, num_freqs))],
                         -1).astype(np.float32)
 
 
@@ -83,14 +104,17 @@ class Decoder(nn.Module):
   mlp_dim: int = 1024
   sentence_gate: bool = True
   projector_dims: Sequence[int] = (128, 64)  # one x2 upsampling stage each
+  coordinate_freqs: int = 0  # coordinate_channels joined to each projector input; 0: none
+  pixel_dim: int = 0  # > 0: the pixel path (see __call__); 0: none, as in the paper
   norm_groups: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, feature_maps: Sequence[jax.Array], sentence, words, word_mask, proxies,
-               out_size: tuple[int, int]):
+               out_size: tuple[int, int], images=None):
     """feature_maps: [(B, h, w, D)]; sentence: (B, S); words: (B, L, C); word_mask: (B, L);
-    proxies: (B, Nq, D); out_size: (H, W) of the input images."""
+    proxies: (B, Nq, D); out_size: (H, W) of the input images; images: (B, H, W, 3), read
+    only by the pixel path."""
     batch, height, width, _ = feature_maps[0].shape
     sentence = nn.LayerNorm(dtype=self.dtype, name="sentence_norm")(sentence)
 
@@ -119,12 +143,42 @@ class Decoder(nn.Module):
           x, memory, memory_mask)
     x = nn.LayerNorm(dtype=self.dtype, name="out_norm")(x).reshape(batch, height, width, -1)
 
-    # Projector: upsample, then a per-example 1x1 kernel (and bias) from the sentence.
+    # Projector: upsample, then a per-example 1x1 kernel (and bias) from the sentence. Each
+    # stage also sees the pixel coordinates, so the kernel can weigh position directly.
+    def with_coordinates(x):
+      if not self.coordinate_freqs:
+        return x
+      coords = coordinate_channels(x.shape[1], x.shape[2], self.coordinate_freqs)
+      return jnp.concatenate(
+          [x, jnp.broadcast_to(coords.astype(x.dtype), (batch, *coords.shape))], axis=-1)
+
     for i, dim in enumerate(self.projector_dims):
       x = jax.image.resize(x, (batch, 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "bilinear")
-      x = ConvNormAct(dim, 3, self.norm_groups, self.dtype, name=f"upsample_{i}")(x)
+      x = ConvNormAct(dim, 3, self.norm_groups, self.dtype, name=f"upsample_{i}")(
+          with_coordinates(x))
+    x = with_coordinates(x)
     kernel = nn.Dense(x.shape[-1] + 1, name="dynamic_kernel")(sentence.astype(jnp.float32))
     low_res = jnp.einsum("bhwc,bc->bhw", x.astype(jnp.float32), kernel[:, :-1])
     low_res = low_res + kernel[:, -1, None, None]  # (B, h', w')
+    if self.pixel_dim:  # refines where the coarse map is undecided, not far from it
+      low_res = low_res + jax.nn.sigmoid(low_res) * self._pixel_logits(x, images)
     logits = jax.image.resize(low_res, (batch, *out_size), "bilinear")
     return {"logits": logits, "low_res_logits": low_res}
+
+  def _pixel_logits(self, x, images):
+    """The pixel path: detail finer than the image encoder's patches. A conv stem embeds the
+    image at the projector's resolution; each location's projector features give a query
+    that its pixel embedding is scored against (a dot product, as mask embeddings in
+    MaskFormer), so "pixels that look like the target here" need no learned upsampling."""
+    if images is None:
+      raise ValueError("config.model.decoder.pixel_dim > 0 needs the images; pass images=.")
+    batch, height, width, _ = x.shape
+    pixels = jax.image.resize(images.astype(self.dtype), (batch, height, width, 3), "linear")
+    pixels = ConvNormAct(self.pixel_dim, 3, math.gcd(self.norm_groups, self.pixel_dim),
+                         self.dtype, name="pixel_stem_0")(pixels)
+    pixels = nn.Conv(self.pixel_dim, (3, 3), padding="SAME", dtype=self.dtype,
+                     name="pixel_stem_1")(pixels)
+    query = nn.Dense(self.pixel_dim, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                     name="pixel_query")(x)  # zero: the path starts as a no-op
+    return jnp.einsum("bhwc,bhwc->bhw", pixels.astype(jnp.float32),
+                      query.astype(jnp.float32)) / math.sqrt(self.pixel_dim)

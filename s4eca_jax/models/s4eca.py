@@ -67,7 +67,7 @@ class S4ECA(nn.Module):
     feature_maps = [to_map(image_out["taps"][k]) for k in self.decoder_taps]
     feature_maps.append(to_map(image_out["tokens"]))  # each (B, h, w, D)
     return self.decoder(feature_maps, sentence, words, attention_mask, proxies,
-                        images.shape[1:3])
+                        images.shape[1:3], images=images)
 
 
 def compute_dtype(name: str):
@@ -111,7 +111,8 @@ def build_model(config: ml_collections.ConfigDict) -> S4ECA:
       decoder=decoder.Decoder(
           width=dec.width, num_layers=dec.num_layers, num_heads=dec.num_heads,
           mlp_dim=dec.mlp_dim, sentence_gate=dec.sentence_gate,
-          projector_dims=tuple(dec.projector_dims), norm_groups=dec.norm_groups, dtype=dtype),
+          projector_dims=tuple(dec.projector_dims),
+          coordinate_freqs=dec.coordinate_freqs, pixel_dim=dec.pixel_dim, norm_groups=dec.norm_groups, dtype=dtype),
       decoder_taps=tuple(dec.taps), language_guidance=m.language_guidance, dtype=dtype)
 
 
