@@ -4,6 +4,6 @@
 #   bash launch/test.sh -k vit -x  # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh test
 # pytest exits 5 when no test ran: that is a failure here, as is any other non-zero code.
 exec .venv/bin/python -m pytest "$@"
