@@ -6,8 +6,8 @@ train configs/demo.py -> evaluate on val -> predictions and pictures.
     python -m s4eca_jax.demo --config_arg variant=tiny --workdir /tmp/w --data_dir /tmp/d
 
 Data: `synthetic.write_rrsis_layout` writes the scenes of config.synthetic in the RRSIS-D
-on-disk layout (DATA_DIR/downloads/synthetic_rrsis/<name>/), which the real `rrsis_d`
-builder then reads into DATA_DIR/rrsis_d_synthetic/<name>/: the demo goes through the
+on-disk layout (DATA_DIR/downloads/synthetic_rrsis/<name>/<version>/), which the real `rrsis_d`
+builder then reads into DATA_DIR/rrsis_d_synthetic/<name>/<version>/: the demo goes through the
 same reading path as RRSIS-D. Each run lives in WORKDIR/<run>/ (s4eca, and
 language_blind with --ablate): checkpoints, metrics.jsonl, training_curve.png,
 overlays/val_step*.png (fixed val examples: image | truth | prediction),
@@ -53,6 +53,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from s4eca_jax import attention_plots, evaluate, logs, metrics, predict, prepare, train
 from s4eca_jax.data import layouts, pipeline, synthetic
 import tfds_builders
+from tfds_builders import synthetic_rrsis
 
 RUNS = {"s4eca": 1, "language_blind": 0}  # run name -> config language_guidance
 NUM_PREDICTIONS = 4  # val examples written by the predictor
@@ -75,14 +76,14 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
   s = config.synthetic
   name = tfds_builders.synthetic_config(s.num_train, s.num_val, s.num_test, s.image_size,
                                         s.seed).name
-  layout_dir = data_dir / "downloads" / "synthetic_rrsis" / name
+  layout_dir = synthetic_rrsis.layout_dir(data_dir / "downloads", name)  # versioned
   if not (layout_dir / layouts.RRSISD_REFS).exists():  # written last: layout complete
     progress(f"writing {s.num_train}/{s.num_val}/{s.num_test} synthetic scenes in the RRSIS-D "
              f"layout to {layout_dir}")
     synthetic.write_rrsis_layout(layout_dir, num_train=s.num_train, num_val=s.num_val,
                                  num_test=s.num_test, image_size=s.image_size, seed=s.seed)
   args = prepare.parse_args(["rrsis_d", "--manual_dir", str(layout_dir), "--data_dir",
-                             str(data_dir / "rrsis_d_synthetic" / name)])
+                             str(data_dir / "rrsis_d_synthetic" / name / layout_dir.name)])
   report = prepare.prepare(args)
   state = "reused" if report["reused"] else "built"
   progress(f"rrsis_d {state} from the layout: {report['examples']} in {report['data_dir']}")

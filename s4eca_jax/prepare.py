@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "there). The expected layout is printed when files are missing.")
   synthetic = parser.add_argument_group(
       "synthetic_rrsis", "scene counts and size; the RRSIS-D layout is written to "
-      "DATA_DIR/downloads/synthetic_rrsis/<config>/ (it also builds with rrsis_d)")
+      "DATA_DIR/downloads/synthetic_rrsis/<config>/<version>/ (it also builds with rrsis_d)")
   synthetic.add_argument("--num_train", type=int, default=2000, help="train scenes (2000)")
   synthetic.add_argument("--num_val", type=int, default=250, help="val scenes (250)")
   synthetic.add_argument("--num_test", type=int, default=250, help="test scenes (250)")

@@ -259,6 +259,7 @@ def test_synthetic_scenes_need_the_expression():
                            for o in others)
     assert scene.expression in synthetic._unique_expressions(scene.objects, scene.target, 96)
     assert len(scene.expression.split()) <= 20 and target.area > 0
+    assert synthetic.MIN_OBJECTS <= len(scene.objects) <= synthetic.MAX_OBJECTS == 6
     assert not any((o.mask & target.mask).any() for o in others)
   assert with_distractor >= 30
 
@@ -287,6 +288,7 @@ def test_synthetic_builder_is_deterministic_and_reads_like_rrsis_d(tmp_path):
   assert reports[0]["name"] == name and reports[0]["examples"] == {
       "train": 5, "val": 2, "test": 2}
   layout_a, layout_b = (Path(r["layout_dir"]) for r in reports)
+  assert layout_a.parts[-2:] == ("train5_val2_test2_64px_seed3", "1.2.0")  # versioned
   for file in ("refs(unc).p", "instances.json", "JPEGImages/00007.jpg"):
     assert (layout_a / file).read_bytes() == (layout_b / file).read_bytes()
   refs = layouts.load_builtin_pickle(layout_a / "refs(unc).p")

@@ -1,5 +1,5 @@
 """TFDS builder for synthetic_rrsis: generates the RRSIS-D on-disk layout (synthetic.py)
-under <data_dir>/downloads/synthetic_rrsis/<config>/ and reads it back through the same
+under <data_dir>/downloads/synthetic_rrsis/<config>/<version>/ and reads it back through the same
 code as rrsis_d (layouts.py). That folder also builds with the `rrsis_d` builder.
 
 Configs are named after their parameters, e.g. `train2000_val250_test250_256px_seed0`;
@@ -9,6 +9,7 @@ read one with tfds.data_source("synthetic_rrsis/<config name>", ...).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import tensorflow_datasets as tfds
 
@@ -39,15 +40,23 @@ def synthetic_config(num_train: int, num_val: int, num_test: int, image_size: in
       seed=seed)
 
 
+def layout_dir(download_dir, name: str):
+  """Where config `name`'s RRSIS-D layout is written: one folder per generator version,
+  so a layout from an older generator is never reused."""
+  return Path(download_dir) / "synthetic_rrsis" / name / str(Builder.VERSION)
+
+
 class Builder(ReferringBuilder):
   """Synthetic referring segmentation scenes whose expressions need language."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release: 10 RRSIS-D categories drawn with colour, size and "
                "position; template expressions that select exactly one object.",
       "1.1.0": "Balanced expression types (category, colour, size, location: a quarter "
                "each); refs(unc).p records each sentence's type.",
+      "1.2.0": "3-6 objects per scene (was 2-6): at least two distractors. The layout "
+               "folder is versioned: downloads/synthetic_rrsis/<config>/<version>/.",
   }
   BUILDER_CONFIGS = [
       synthetic_config(2000, 250, 250, 256, seed=0),  # demo
@@ -64,7 +73,7 @@ class Builder(ReferringBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
-    self.layout_dir = dl_manager.download_dir / "synthetic_rrsis" / config.name
+    self.layout_dir = layout_dir(dl_manager.download_dir, config.name)
     if not (self.layout_dir / layouts.RRSISD_REFS).exists():  # written last: layout complete
       synthetic.write_rrsis_layout(
           self.layout_dir, num_train=config.num_train, num_val=config.num_val,
