@@ -6,9 +6,9 @@ train configs/demo.py -> evaluate on val -> predictions and pictures.
     python -m s4eca_jax.demo --config_arg variant=tiny --workdir /tmp/w --data_dir /tmp/d
 
 Data: `synthetic.write_rrsis_layout` writes the scenes of config.synthetic in the RRSIS-D
-on-disk layout (DATA_DIR/downloads/synthetic_rrsis/<name>/<version>/), which the real `rrsis_d`
-builder then reads into DATA_DIR/rrsis_d_synthetic/<name>/<version>/: the demo goes through the
-same reading path as RRSIS-D. Each run lives in WORKDIR/<run>/ (s4eca, and
+on-disk layout (DATA_DIR/downloads/synthetic_rrsis/<name>/<version>/), which the real
+`rrsis_d` builder then reads into DATA_DIR/rrsis_d_synthetic/<name>/<version>/: the demo
+goes through the same reading path as RRSIS-D. Each run lives in WORKDIR/<run>/ (s4eca, and
 language_blind with --ablate): checkpoints, metrics.jsonl, training_curve.png,
 overlays/val_step*.png (fixed val examples: image | truth | prediction),
 adapter_selection.png (the adapters' spatial maps and scale weights for one example),

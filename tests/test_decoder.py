@@ -76,7 +76,7 @@ def test_sine_position_encoding():
 def test_coordinate_channels():
   coords = decoder.coordinate_channels(4, 6, 3)
   assert coords.shape == (4, 6, 6) and np.abs(coords).max() <= 1.0
-  x_ramp, y_ramp = coords[..., 0], coords[..., 3]  # cos(pi u): 1 at the left/top, -1 at the far side
+  x_ramp, y_ramp = coords[..., 0], coords[..., 3]  # cos(pi u): 1 at left/top, -1 far side
   assert np.all(np.diff(x_ramp, axis=1) < 0) and np.all(np.diff(x_ramp, axis=0) == 0)
   assert np.all(np.diff(y_ramp, axis=0) < 0) and np.all(np.diff(y_ramp, axis=1) == 0)
   np.testing.assert_allclose(coords[:, :, 1], coords[:, ::-1, 1], atol=1e-6)  # centre bump
@@ -93,9 +93,8 @@ def test_coordinates_and_pixel_path():
   other = images[::-1]
   # The pixel query starts at zero: the path is a no-op until it trains.
   np.testing.assert_allclose(apply(params, images), apply(params, other), atol=1e-6)
-  query = params["pixel_query"]["kernel"]
-  trained = {**params, "pixel_query": {**params["pixel_query"],
-                                       "kernel": jax.random.normal(jax.random.PRNGKey(1), query.shape)}}
+  query = jax.random.normal(jax.random.PRNGKey(1), params["pixel_query"]["kernel"].shape)
+  trained = {**params, "pixel_query": {**params["pixel_query"], "kernel": query}}
   changed = apply(trained, other)
   assert np.all(np.isfinite(changed))
   assert not np.allclose(apply(trained, images), changed, atol=1e-4)  # it reads the pixels

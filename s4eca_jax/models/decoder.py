@@ -105,7 +105,7 @@ class Decoder(nn.Module):
   sentence_gate: bool = True
   projector_dims: Sequence[int] = (128, 64)  # one x2 upsampling stage each
   coordinate_freqs: int = 0  # coordinate_channels joined to each projector input; 0: none
-  pixel_dim: int = 0  # > 0: the pixel path (see __call__); 0: none, as in the paper
+  pixel_dim: int = 0  # > 0: the pixel path's width (_pixel_logits); 0: none, as in the paper
   norm_groups: int = 32
   dtype: Any = jnp.float32
 
