@@ -52,7 +52,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from s4eca_jax import attention_plots, evaluate, logs, metrics, predict, prepare, train
 from s4eca_jax.data import layouts, pipeline, synthetic
-import tfds_builders
 from tfds_builders import synthetic_rrsis
 
 RUNS = {"s4eca": 1, "language_blind": 0}  # run name -> config language_guidance
@@ -74,16 +73,15 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
   prepare report (name, tfds_data_dir, examples) plus "layout_dir" and
   "expression_types" (sent_id -> type)."""
   s = config.synthetic
-  name = tfds_builders.synthetic_config(s.num_train, s.num_val, s.num_test, s.image_size,
-                                        s.seed).name
-  layout_dir = synthetic_rrsis.layout_dir(data_dir / "downloads", name)  # versioned
-  if not (layout_dir / layouts.RRSISD_REFS).exists():  # written last: layout complete
-    progress(f"writing {s.num_train}/{s.num_val}/{s.num_test} synthetic scenes in the RRSIS-D "
-             f"layout to {layout_dir}")
-    synthetic.write_rrsis_layout(layout_dir, num_train=s.num_train, num_val=s.num_val,
-                                 num_test=s.num_test, image_size=s.image_size, seed=s.seed)
+  scenes = synthetic_rrsis.synthetic_config(s.num_train, s.num_val, s.num_test, s.image_size,
+                                            s.seed)
+  layout_dir = synthetic_rrsis.write_layout_once(  # versioned folder, reused when complete
+      data_dir / "downloads", scenes,
+      announce=lambda folder: progress(
+          f"writing {s.num_train}/{s.num_val}/{s.num_test} synthetic scenes in the RRSIS-D "
+          f"layout to {folder}"))
   args = prepare.parse_args(["rrsis_d", "--manual_dir", str(layout_dir), "--data_dir",
-                             str(data_dir / "rrsis_d_synthetic" / name / layout_dir.name)])
+                             str(data_dir / "rrsis_d_synthetic" / scenes.name / layout_dir.name)])
   report = prepare.prepare(args)
   state = "reused" if report["reused"] else "built"
   progress(f"rrsis_d {state} from the layout: {report['examples']} in {report['data_dir']}")

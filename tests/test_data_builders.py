@@ -318,7 +318,8 @@ def test_synthetic_layout_does_not_depend_on_the_number_of_workers(tmp_path):
       tmp_path / str(workers), num_train=120, num_val=4, num_test=4, image_size=64, seed=1,
       progress=False, workers=workers) for workers in (1, 2)]
   one, two = layouts_written
-  assert (one / layouts.RRSISD_INSTANCES).read_bytes() == (two / layouts.RRSISD_INSTANCES).read_bytes()
+  assert ((one / layouts.RRSISD_INSTANCES).read_bytes()
+          == (two / layouts.RRSISD_INSTANCES).read_bytes())
   # Same content; the pickle bytes differ only in memoised (shared) strings.
   assert (layouts.load_builtin_pickle(one / layouts.RRSISD_REFS)
           == layouts.load_builtin_pickle(two / layouts.RRSISD_REFS))

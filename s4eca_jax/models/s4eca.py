@@ -111,8 +111,8 @@ def build_model(config: ml_collections.ConfigDict) -> S4ECA:
       decoder=decoder.Decoder(
           width=dec.width, num_layers=dec.num_layers, num_heads=dec.num_heads,
           mlp_dim=dec.mlp_dim, sentence_gate=dec.sentence_gate,
-          projector_dims=tuple(dec.projector_dims),
-          coordinate_freqs=dec.coordinate_freqs, pixel_dim=dec.pixel_dim, norm_groups=dec.norm_groups, dtype=dtype),
+          projector_dims=tuple(dec.projector_dims), coordinate_freqs=dec.coordinate_freqs,
+          pixel_dim=dec.pixel_dim, norm_groups=dec.norm_groups, dtype=dtype),
       decoder_taps=tuple(dec.taps), language_guidance=m.language_guidance, dtype=dtype)
 
 

@@ -1,6 +1,6 @@
 """TFDS builder for synthetic_rrsis: generates the RRSIS-D on-disk layout (synthetic.py)
-under <data_dir>/downloads/synthetic_rrsis/<config>/<version>/ and reads it back through the same
-code as rrsis_d (layouts.py). That folder also builds with the `rrsis_d` builder.
+under <data_dir>/downloads/synthetic_rrsis/<config>/<version>/ and reads it back through
+the same code as rrsis_d (layouts.py). That folder also builds with the `rrsis_d` builder.
 
 Configs are named after their parameters, e.g. `train2000_val250_test250_256px_seed0`;
 read one with tfds.data_source("synthetic_rrsis/<config name>", ...).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import tensorflow_datasets as tfds
 
@@ -40,10 +41,24 @@ def synthetic_config(num_train: int, num_val: int, num_test: int, image_size: in
       seed=seed)
 
 
-def layout_dir(download_dir, name: str):
+def layout_dir(download_dir, name: str) -> Path:
   """Where config `name`'s RRSIS-D layout is written: one folder per generator version,
   so a layout from an older generator is never reused."""
   return Path(download_dir) / "synthetic_rrsis" / name / str(Builder.VERSION)
+
+
+def write_layout_once(download_dir, config: SyntheticConfig,
+                      announce: Callable[[Path], None] | None = None) -> Path:
+  """`config`'s RRSIS-D layout folder (layout_dir), written unless already complete:
+  refs(unc).p is written last. `announce(folder)` runs before a write."""
+  root = layout_dir(download_dir, config.name)
+  if not (root / layouts.RRSISD_REFS).exists():
+    if announce is not None:
+      announce(root)
+    synthetic.write_rrsis_layout(root, num_train=config.num_train, num_val=config.num_val,
+                                 num_test=config.num_test, image_size=config.image_size,
+                                 seed=config.seed)
+  return root
 
 
 class Builder(ReferringBuilder):
@@ -72,12 +87,7 @@ class Builder(ReferringBuilder):
         features=referring_features(layouts.RRSISD_CATEGORIES))
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    config = self.builder_config
-    self.layout_dir = layout_dir(dl_manager.download_dir, config.name)
-    if not (self.layout_dir / layouts.RRSISD_REFS).exists():  # written last: layout complete
-      synthetic.write_rrsis_layout(
-          self.layout_dir, num_train=config.num_train, num_val=config.num_val,
-          num_test=config.num_test, image_size=config.image_size, seed=config.seed)
+    self.layout_dir = write_layout_once(dl_manager.download_dir, self.builder_config)
     annotations = layouts.read_rrsisd_annotations(self.layout_dir)
     return {split: self._generate_examples(annotations, split)
             for split in layouts.RRSISD_SPLITS}
