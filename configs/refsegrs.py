@@ -7,9 +7,9 @@
 A tiny model for tests: `--config configs/refsegrs.py:variant=tiny`.
 """
 
-from configs import common
+from s4eca_jax import presets
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="full")
-  return common.s4eca_config("refsegrs", arg.variant)
+  arg = presets.parse_arg(arg, variant="full")
+  return presets.s4eca_config("refsegrs", arg.variant)

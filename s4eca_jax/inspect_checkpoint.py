@@ -1,6 +1,6 @@
 """CLI: load a Hugging Face checkpoint folder into our Flax encoder and report on it.
 
-    python -m s4eca_jax.inspect_checkpoint DIR [--tower text] [--sentences "a" "b" ...]
+    python -m s4eca_jax.inspect_checkpoint DIR [--tower text] [--sentence "a" --sentence "b" ...]
 
 Prints what was loaded (tensors, ignored keys), parameter counts per top-level module,
 and, for text encoders given sentences, the cosine similarity of their sentence vectors.
@@ -8,48 +8,46 @@ and, for text encoders given sentences, the cosine similarity of their sentence 
 
 from __future__ import annotations
 
-import argparse
-import collections
-
-import flax
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
+from s4eca_jax import cli, partition, run_setup
 from s4eca_jax.models import hf_weights
 
-
-def parameter_counts(params) -> dict[str, int]:
-  counts = collections.Counter()
-  for path, leaf in flax.traverse_util.flatten_dict(params).items():
-    counts[path[0]] += int(np.prod(leaf.shape))
-  return dict(counts)
+FLAGS = flags.FLAGS
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("folder", help="HF model folder: config.json + model.safetensors")
-  parser.add_argument("--tower", choices=["vision", "text"],
-                      help="which tower of a CLIPModel folder to load")
-  parser.add_argument("--sentences", nargs="*", default=[],
-                      help="text encoders: sentences whose sentence vectors to compare")
-  parser.add_argument("--max_length", type=int, default=22, help="tokenizer length")
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  flags.DEFINE_enum("tower", None, ["vision", "text"],
+                    "Which tower of a CLIPModel folder to load.")
+  flags.DEFINE_multi_string("sentence", [], "Text encoders: a sentence whose "
+                            "sentence vector to compare (repeat the flag).")
+  flags.DEFINE_integer("max_length", 22, "Tokenizer length.")
 
-  pretrained = hf_weights.load_pretrained(args.folder, tower=args.tower,
-                                          max_length=args.max_length)
-  print(f"{type(pretrained.module).__name__} ({pretrained.kind}) from {args.folder}")
+
+@cli.positional
+def main(argv) -> None:
+  if len(argv) != 2:
+    raise cli.UsageError("give one folder: python -m s4eca_jax.inspect_checkpoint DIR "
+                         "(a HF model folder: config.json + model.safetensors)")
+  folder, sentences = run_setup.expand_path(argv[1]), FLAGS.sentence
+
+  pretrained = hf_weights.load_pretrained(folder, tower=FLAGS.tower,
+                                          max_length=FLAGS.max_length)
+  print(f"{type(pretrained.module).__name__} ({pretrained.kind}) from {folder}")
   print(pretrained.report.summary())
   if pretrained.report.ignored:
     print("ignored:", ", ".join(pretrained.report.ignored))
-  counts = parameter_counts(pretrained.params)
+  counts = {name: partition.count_params(tree) for name, tree in pretrained.params.items()}
   print(f"parameters: {sum(counts.values()):,}")
   for name, count in counts.items():
     print(f"  {name:<20} {count:>12,}")
-  if args.sentences:
+  if sentences:
     if pretrained.tokenizer is None:
-      parser.error("--sentences needs a text encoder folder with tokenizer files")
-    batch = pretrained.tokenizer(args.sentences)
+      raise cli.UsageError("--sentence needs a text encoder folder with tokenizer files")
+    batch = pretrained.tokenizer(sentences)
     out = pretrained.module.apply({"params": pretrained.params},
                                   jnp.asarray(batch["input_ids"]),
                                   jnp.asarray(batch["attention_mask"]))
@@ -57,10 +55,11 @@ def main(argv=None):
     vectors = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
     similarity = vectors @ vectors.T
     print("cosine similarity of sentence vectors:")
-    for i, sentence in enumerate(args.sentences):
+    for i, sentence in enumerate(sentences):
       row = " ".join(f"{s:5.2f}" for s in similarity[i])
       print(f"  {row}  {sentence}")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

@@ -1,10 +1,8 @@
-"""Which parameters train: regex rules from the config, the trainable/frozen split, and the
-optimizer that sees only the trainable tree.
+"""Which parameters train: regex rules from the config, the trainable/frozen split, and
+parameter counts (the one function that counts them).
 
     mask = trainable_mask(params, config.trainable)   # first matching rule wins
     trainable, frozen = split(params, mask)           # two disjoint nested dicts
-    tx = make_optimizer(config.optimizer, total_steps)
-    opt_state = tx.init(trainable)                    # no state for frozen leaves
     grads = jax.grad(lambda t: loss(merge(t, frozen)))(trainable)
 
 Paths are "/"-joined parameter names, e.g. "image_encoder/block_2/adapter/down/kernel".
@@ -17,9 +15,7 @@ from typing import Any, Sequence
 
 import flax
 import jax
-import ml_collections
 import numpy as np
-import optax
 
 ACTIONS = ("train", "freeze")
 
@@ -73,8 +69,9 @@ def merge(trainable: Any, frozen: Any) -> Any:
   return unflatten({**flatten(frozen), **flatten(trainable)})
 
 
-def _count(leaves) -> int:
-  return int(sum(np.prod(leaf.shape) for leaf in leaves))
+def count_params(tree_or_leaves: Any) -> int:
+  """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs) or list of leaves."""
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree_or_leaves)))
 
 
 def describe(params: Any, rules: Sequence[Sequence[str]]) -> str:
@@ -83,44 +80,10 @@ def describe(params: Any, rules: Sequence[Sequence[str]]) -> str:
   by_rule = [[] for _ in rules]
   for path, leaf in flat.items():
     by_rule[rule_index(path, rules)].append(leaf)
-  lines = [f"  {action:6s} {pattern!r}: {len(leaves)} leaves, {_count(leaves):,} params"
+  lines = [f"  {action:6s} {pattern!r}: {len(leaves)} leaves, {count_params(leaves):,} params"
            for (pattern, action), leaves in zip(rules, by_rule)]
-  trainable = _count(leaf for (_, action), leaves in zip(rules, by_rule)
-                     if action == "train" for leaf in leaves)
-  total = _count(flat.values())
+  trainable = count_params([leaf for (_, action), leaves in zip(rules, by_rule)
+                            if action == "train" for leaf in leaves])
+  total = count_params(list(flat.values()))
   lines.append(f"  trainable {trainable:,} of {total:,} params ({100 * trainable / total:.2f}%)")
   return "Trainable split (first matching rule wins):\n" + "\n".join(lines)
-
-
-def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to config.lr, then "cosine" decay (to lr * end_lr_ratio) or "step"
-  decay (times step_decay at each fraction of total_steps in step_boundaries)."""
-  warmup = min(config.warmup_steps, total_steps)
-  if config.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(
-        config.lr, max(total_steps - warmup, 1), alpha=config.end_lr_ratio)
-  elif config.schedule == "step":
-    decay = optax.piecewise_constant_schedule(config.lr, {
-        max(int(fraction * total_steps) - warmup, 0): config.step_decay
-        for fraction in config.step_boundaries})
-  else:
-    raise ValueError(f"config.optimizer.schedule={config.schedule!r}; use 'cosine' or 'step'.")
-  warmup_fn = optax.linear_schedule(0.0, config.lr, max(warmup, 1))
-  return optax.join_schedules([warmup_fn, decay], [warmup])
-
-
-def _decay_mask(params: Any) -> Any:
-  # Weight decay on matrices, kernels and embeddings; not on biases, norms, LayerScale.
-  return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-  """(optax chain for the trainable tree, its learning-rate schedule).
-
-  Global-norm clipping (config.clip_norm; None or 0 disables) then AdamW.
-  """
-  schedule = make_schedule(config, total_steps)
-  chain = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
-  chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay, mask=_decay_mask))
-  return optax.chain(*chain), schedule

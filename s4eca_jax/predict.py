@@ -11,20 +11,21 @@ line of the JSONL file is {"image": path, "expression": text[, "out": name.png]}
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from s4eca_jax import evaluate, logs, metrics, partition, tokenize, train
-from s4eca_jax.data import layouts, pipeline
+from s4eca_jax import cli, drawing, metrics, partition, run_setup
+from s4eca_jax.data import pipeline
+from tfds_builders import layout_reader
 
 
-class PredictionError(ValueError):
+class PredictionError(cli.UsageError):
   """An input that cannot be predicted on (the message says why)."""
 
 
@@ -35,7 +36,7 @@ def read_image(path: str | Path) -> np.ndarray:
     raise PredictionError(f"Image {path} does not exist.")
   try:
     with Image.open(path) as image:
-      return layouts.to_rgb_uint8(image)
+      return layout_reader.to_rgb_uint8(image)
   except (UnidentifiedImageError, OSError) as error:
     raise PredictionError(f"Image {path} could not be read as an image ({error}); pass a "
                           "JPEG, PNG or TIFF file.") from None
@@ -53,11 +54,11 @@ class Predictor:
   """Holds a restored run and predicts masks for (image, expression) pairs."""
 
   def __init__(self, workdir: str | Path, which: str = "best"):
-    self.config, self.setup, _ = evaluate.load_run(workdir)
-    self.trainable, self.step = evaluate.restore_trainable(self.setup, Path(workdir), which)
+    self.config, self.setup = run_setup.load_run(workdir)
+    self.trainable, self.step = run_setup.restore_trainable(self.setup, self.config, workdir,
+                                                            which)
     self.params = partition.merge(self.trainable, self.setup.frozen)
-    self.tokenizer = tokenize.load_tokenizer(train.tokenizer_folder(self.config),
-                                             self.config.max_length)
+    self.tokenizer = run_setup.load_tokenizer(self.config)
     self._forward = jax.jit(lambda params, image, ids, mask: self.setup.model.apply(
         {"params": params}, image, ids, mask)["logits"].astype(jnp.float32))
 
@@ -77,72 +78,72 @@ class Predictor:
     return np.asarray(metrics.masks_from_logits(logits, probability))[0]
 
 
-def write_outputs(image: np.ndarray, mask: np.ndarray, expression: str, out: Path) -> Path:
-  """Writes the mask PNG at `out` and the overlay beside it; returns the overlay path."""
-  out.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(mask.astype(np.uint8) * 255).save(out)
-  tinted = Image.fromarray(logs.overlay(image, mask))
-  caption_height = 28
-  canvas = Image.new("RGB", (tinted.width, tinted.height + caption_height), "white")
-  canvas.paste(tinted, (0, 0))
-  ImageDraw.Draw(canvas).text((4, tinted.height + 6), expression, fill="black",
-                              font=ImageFont.load_default())
-  overlay_path = out.with_name(out.stem + "_overlay.png")
-  canvas.save(overlay_path)
-  return overlay_path
-
-
-def _pairs(args) -> list[tuple[str, str, Path]]:
-  if args.batch:
-    pairs = []
-    for number, line in enumerate(Path(args.batch).read_text().splitlines(), 1):
-      if not line.strip():
-        continue
+def read_batch_file(path: str | Path, out_dir: str | Path) -> list[tuple[str, str, Path]]:
+  """(image, expression, mask path) per line of a JSONL batch file."""
+  pairs = []
+  for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
       item = json.loads(line)
-      if "image" not in item or "expression" not in item:
-        raise PredictionError(f"{args.batch}:{number}: each line needs \"image\" and "
-                              "\"expression\" keys.")
-      name = item.get("out") or f"{number:05d}_{Path(item['image']).stem}.png"
-      pairs.append((item["image"], item["expression"], Path(args.out_dir) / name))
-    return pairs
-  return [(args.image, args.expression, Path(args.out))]
+    except json.JSONDecodeError as error:
+      raise PredictionError(f"{path}:{number}: not a JSON object ({error.msg}); each line is "
+                            "{\"image\": path, \"expression\": text[, \"out\": name.png]}.") from None
+    if not isinstance(item, dict) or "image" not in item or "expression" not in item:
+      raise PredictionError(f"{path}:{number}: each line needs \"image\" and "
+                            "\"expression\" keys.")
+    name = item.get("out") or f"{number:05d}_{Path(item['image']).stem}.png"
+    pairs.append((item["image"], item["expression"], Path(out_dir) / name))
+  return pairs
 
 
-def main(argv=None) -> list[Path]:
-  parser = argparse.ArgumentParser(prog="python -m s4eca_jax.predict", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="run directory of s4eca_jax.train")
-  parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step")
-  single = parser.add_argument_group("one image")
-  single.add_argument("--image", help="image file (JPEG, PNG, TIFF)")
-  single.add_argument("--expression", help="referring expression")
-  single.add_argument("--out", help="mask PNG to write (overlay: <out>_overlay.png)")
-  batch = parser.add_argument_group("batch")
-  batch.add_argument("--batch", help="JSONL of {\"image\", \"expression\"[, \"out\"]}")
-  batch.add_argument("--out_dir", help="folder for the batch's masks and overlays")
-  args = parser.parse_args(argv)
-  if args.batch:
-    if not args.out_dir:
-      parser.error("--batch needs --out_dir")
-  elif not (args.image and args.expression is not None and args.out):
-    parser.error("give --image, --expression and --out (or --batch and --out_dir)")
-
-  try:
-    pairs = _pairs(args)
-    for _, expression, _ in pairs:  # fail before loading the model
-      check_expression(expression)
-    images = [read_image(image) for image, _, _ in pairs]
-    predictor = Predictor(args.workdir, args.checkpoint)
-    written = []
-    for image, (_, expression, out) in zip(images, pairs):
-      mask = predictor(image, expression)
-      overlay_path = write_outputs(image, mask, expression, out)
-      print(f"{out} ({int(mask.sum())} pixels), overlay {overlay_path}")
-      written.append(out)
-  except PredictionError as error:
-    raise SystemExit(f"error: {error}") from None
+def predict_pairs(workdir: str | Path, pairs: list[tuple[str, str, Path]],
+                  which: str = "best") -> list[Path]:
+  """Masks and overlays for (image, expression, mask path) pairs; inputs are checked
+  before the model loads."""
+  for _, expression, _ in pairs:
+    check_expression(expression)
+  images = [read_image(image) for image, _, _ in pairs]
+  predictor = Predictor(workdir, which)
+  written = []
+  for image, (_, expression, out) in zip(images, pairs):
+    mask = predictor(image, expression)
+    overlay_path = drawing.prediction_outputs(image, mask, expression, out)
+    print(f"{out} ({int(mask.sum())} pixels), overlay {overlay_path}")
+    written.append(out)
   return written
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  flags.DEFINE_string("workdir", None, "Run directory of s4eca_jax.train.",
+                      required=True)
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step.")
+  flags.DEFINE_string("image", None, "One image: the image file (JPEG, PNG, TIFF).")
+  flags.DEFINE_string("expression", None, "One image: the referring expression.")
+  flags.DEFINE_string("out", None, "One image: the mask PNG to write (overlay: "
+                      "<out>_overlay.png).")
+  flags.DEFINE_string("batch", None, "Batch: JSONL of {\"image\", \"expression\"[, "
+                      "\"out\"]} per line.")
+  flags.DEFINE_string("out_dir", None, "Batch: folder for the masks and overlays.")
+
+
+def main(argv) -> list[Path]:
+  del argv
+  expand = run_setup.expand_path
+  if FLAGS.batch:
+    if not FLAGS.out_dir:
+      raise cli.UsageError("--batch needs --out_dir")
+    pairs = read_batch_file(expand(FLAGS.batch), expand(FLAGS.out_dir))
+  elif FLAGS.image and FLAGS.expression is not None and FLAGS.out:
+    pairs = [(expand(FLAGS.image), FLAGS.expression, Path(expand(FLAGS.out)))]
+  else:
+    raise cli.UsageError("give --image, --expression and --out (or --batch and --out_dir)")
+  return predict_pairs(expand(FLAGS.workdir), pairs, FLAGS.checkpoint)
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

@@ -11,90 +11,109 @@ item with the reason (also saved as prepare_report.json next to the dataset file
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from pathlib import Path
 import sys
 
+from absl import flags
 import tensorflow_datasets as tfds
 
 import tfds_builders
-from s4eca_jax.data import layouts
+from s4eca_jax import cli
+from tfds_builders import layout_reader
 
 _REPORT = "prepare_report.json"
 
+__doc__ += "\nDatasets: " + ", ".join(sorted(tfds_builders.BUILDERS)) + ".\n" + "".join(
+    f"\n{name}, manual download:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+    for name, builder in sorted(tfds_builders.BUILDERS.items())
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m s4eca_jax.prepare", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("dataset", choices=sorted(tfds_builders.BUILDERS),
-                      help="which builder to run")
-  parser.add_argument("--data_dir", required=True, type=Path,
-                      help="TFDS data dir; the dataset lands in "
-                           "DATA_DIR/<name>/[<config>/]<version>/")
-  parser.add_argument("--manual_dir", type=Path,
-                      help="folder with the manual download (rrsis_d, refsegrs; required "
-                           "there). The expected layout is printed when files are missing.")
-  synthetic = parser.add_argument_group(
-      "synthetic_rrsis", "scene counts and size; the RRSIS-D layout is written to "
-      "DATA_DIR/downloads/synthetic_rrsis/<config>/<version>/ (it also builds with rrsis_d)")
-  synthetic.add_argument("--num_train", type=int, default=2000, help="train scenes (2000)")
-  synthetic.add_argument("--num_val", type=int, default=250, help="val scenes (250)")
-  synthetic.add_argument("--num_test", type=int, default=250, help="test scenes (250)")
-  synthetic.add_argument("--image_size", type=int, default=256, help="square side (256)")
-  synthetic.add_argument("--seed", type=int, default=0, help="generator seed (0)")
-  args = parser.parse_args(argv)
-  if args.dataset == "synthetic_rrsis" and args.manual_dir is not None:
-    parser.error("synthetic_rrsis generates its own RRSIS-D layout under "
-                 "DATA_DIR/downloads/synthetic_rrsis/; drop --manual_dir.")
-  if args.dataset != "synthetic_rrsis" and args.manual_dir is None:
-    parser.error(f"{args.dataset} needs --manual_dir (the unpacked manual download).\n"
-                 + tfds_builders.BUILDERS[args.dataset].MANUAL_DOWNLOAD_INSTRUCTIONS)
-  return args
+FLAGS = flags.FLAGS
 
 
-def make_builder(args: argparse.Namespace) -> tfds.core.DatasetBuilder:
-  builder_cls = tfds_builders.BUILDERS[args.dataset]
-  if args.dataset == "synthetic_rrsis":
-    config = tfds_builders.synthetic_config(args.num_train, args.num_val, args.num_test,
-                                            args.image_size, args.seed)
-    return builder_cls(config=config, data_dir=str(args.data_dir))
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  flags.DEFINE_string("data_dir", None, "TFDS data dir; the dataset lands in "
+                      "DATA_DIR/<name>/[<config>/]<version>/.", required=True)
+  flags.DEFINE_string(
+  "manual_dir", None, "Folder with the manual download (rrsis_d, refsegrs; required "
+  "there). The expected layout is printed when files are missing.")
+  flags.DEFINE_integer("num_train", 2000, "synthetic_rrsis: train scenes.")
+  flags.DEFINE_integer("num_val", 250, "synthetic_rrsis: val scenes.")
+  flags.DEFINE_integer("num_test", 250, "synthetic_rrsis: test scenes.")
+  flags.DEFINE_integer("image_size", 256, "synthetic_rrsis: square side.")
+  flags.DEFINE_integer("seed", 0, "synthetic_rrsis: generator seed. The RRSIS-D "
+                       "layout is written to DATA_DIR/downloads/synthetic_rrsis/"
+                       "<config>/<version>/ (it also builds with rrsis_d).")
+
+
+def make_builder(dataset: str, data_dir: str | Path, manual_dir: str | Path | None = None,
+                 **synthetic) -> tfds.core.DatasetBuilder:
+  """The builder of `dataset`; `synthetic` (num_train, num_val, num_test, image_size,
+  seed) configures synthetic_rrsis. Raises cli.UsageError for a wrong combination."""
+  if dataset not in tfds_builders.BUILDERS:
+    raise cli.UsageError(f"unknown dataset {dataset!r}; choose one of "
+                         f"{sorted(tfds_builders.BUILDERS)}.")
+  builder_cls = tfds_builders.BUILDERS[dataset]
+  if dataset == "synthetic_rrsis":
+    if manual_dir is not None:
+      raise cli.UsageError("synthetic_rrsis generates its own RRSIS-D layout under "
+                           "DATA_DIR/downloads/synthetic_rrsis/; drop --manual_dir.")
+    defaults = dict(num_train=2000, num_val=250, num_test=250, image_size=256, seed=0)
+    values = {**defaults, **{k: v for k, v in synthetic.items() if v is not None}}
+    try:
+      config = tfds_builders.synthetic_config(**values)
+    except ValueError as error:
+      raise cli.UsageError(str(error)) from None
+    return builder_cls(config=config, data_dir=str(data_dir))
+  if manual_dir is None:
+    raise cli.UsageError(f"{dataset} needs --manual_dir (the unpacked manual download); "
+                         "`python -m s4eca_jax.prepare --help` shows the layouts.")
   module = sys.modules[builder_cls.__module__]
-  layouts.require_files(args.dataset, args.manual_dir, module.REQUIRED_FILES,
-                        builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  return builder_cls(data_dir=str(args.data_dir))
+  layout_reader.require_files(dataset, manual_dir, module.REQUIRED_FILES,
+                              builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  return builder_cls(data_dir=str(data_dir))
 
 
-def prepare(args: argparse.Namespace) -> dict:
+def prepare(dataset: str, data_dir: str | Path, manual_dir: str | Path | None = None,
+            **synthetic) -> dict:
   """Builds (unless already built) and returns the report that main() prints."""
-  builder = make_builder(args)
+  data_dir = Path(os.path.expanduser(os.fspath(data_dir)))
+  manual_dir = None if manual_dir is None else Path(os.path.expanduser(os.fspath(manual_dir)))
+  builder = make_builder(dataset, data_dir, manual_dir, **synthetic)
   report_path = Path(builder.data_dir) / _REPORT
   if report_path.exists():
     return dict(json.loads(report_path.read_text()), reused=True)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(args.manual_dir) if args.manual_dir else None))
+      manual_dir=str(manual_dir) if manual_dir else None))
   name = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
   report = {
       "name": name,
       "data_dir": str(builder.data_dir),
-      "tfds_data_dir": str(args.data_dir),
+      "tfds_data_dir": str(data_dir),
       "examples": {split: info.num_examples for split, info in builder.info.splits.items()},
       "quirks": builder.quirks.to_json(),
       "summary": builder.quirks.summary(),
   }
-  if args.dataset == "synthetic_rrsis":
+  if dataset == "synthetic_rrsis":
     report["layout_dir"] = str(builder.layout_dir)
   report_path.write_text(json.dumps(report, indent=1))
   return dict(report, reused=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-  args = parse_args(argv)
+@cli.positional
+def main(argv) -> None:
+  if len(argv) != 2:
+    raise cli.UsageError(f"give one dataset: python -m s4eca_jax.prepare "
+                         f"{{{','.join(sorted(tfds_builders.BUILDERS))}}} --data_dir DIR ...")
   try:
-    report = prepare(args)
+    report = prepare(argv[1], FLAGS.data_dir, FLAGS.manual_dir, num_train=FLAGS.num_train,
+                     num_val=FLAGS.num_val, num_test=FLAGS.num_test,
+                     image_size=FLAGS.image_size, seed=FLAGS.seed)
   except FileNotFoundError as error:  # missing manual files: the message says what to do
-    raise SystemExit(f"error: {error}") from None
+    raise cli.UsageError(str(error)) from None
   state = "already prepared" if report["reused"] else "prepared"
   print(f"\n{report['name']} {state} in {report['data_dir']}")
   for split, count in report["examples"].items():
@@ -109,4 +128,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

@@ -14,158 +14,27 @@ good checkpoint kept.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
+from absl import flags
 from tqdm import tqdm
 
-from s4eca_jax import checkpoint, logs, losses, partition, sharding, tokenize
+from s4eca_jax import checkpoint, cli, evaluate, metric_writer, run_setup, sharding
 from s4eca_jax.data import pipeline
-from s4eca_jax.models import s4eca
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf."""
 
 
-def log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# Config and workdir
-# --------------------------------------------------------------------------------------
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=1))
-
-
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run "
-                            "(python -m s4eca_jax.train --workdir ...)?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def tokenizer_folder(config: ml_collections.ConfigDict) -> str:
-  folder = config.get("tokenizer") or config.text_encoder.checkpoint
-  if not folder:
-    raise ValueError("No tokenizer: set config.tokenizer (a folder with tokenizer.json or "
-                     "vocab files) or config.text_encoder.checkpoint.")
-  return folder
-
-
-# --------------------------------------------------------------------------------------
-# Model, parameters and their shardings
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Setup:
-  """What the step functions close over and what the loop carries."""
-
-  model: s4eca.S4ECA
-  mesh: jax.sharding.Mesh
-  frozen: Any  # frozen encoder params (sharded), closed over by the steps
-  state: dict  # {"params": trainable, "opt_state", "step", "rng"}
-  state_shardings: Any
-  frozen_shardings: Any
-  tx: optax.GradientTransformation | None
-  schedule: Callable[[int], Any] | None
-
-  def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> tuple[dict, Any]:
-    """(state, data iterator state) of checkpoint `step`, placed like `self.state`."""
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.state, self.state_shardings)
-    return ckpt.restore(step, abstract)
-
-
-def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
-                  mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """Initialised params created already sharded, frozen encoders loaded. -> (params, shardings)."""
-  inputs = s4eca.example_inputs(config)
-  init = lambda rng: model.init(rng, *inputs)["params"]
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.param_shardings(abstract, mesh, config.get("fsdp_min_size", 2**18))
-  params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  params, reports = s4eca.load_encoder_weights(model, config, params)
-  for line in reports:
-    log(f"  {line}")
-  return jax.device_put(params, shardings), shardings
-
-
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-          total_steps: int | None) -> Setup:
-  """Model, frozen/trainable split and (when total_steps is given) optimizer state."""
-  model = s4eca.build_model(config)
-  params, shardings = create_params(config, model, mesh)
-  mask = partition.trainable_mask(params, config.trainable)
-  log(partition.describe(params, config.trainable))
-  trainable, frozen = partition.split(params, mask)
-  trainable_shardings, frozen_shardings = partition.split(shardings, mask)
-  tx = schedule = None
-  state = {"params": trainable, "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.PRNGKey(config.seed)}
-  state_shardings = {"params": trainable_shardings, "step": sharding.replicated(mesh),
-                     "rng": sharding.replicated(mesh)}
-  if total_steps is not None:
-    tx, schedule = partition.make_optimizer(config.optimizer, total_steps)
-    opt_abstract = jax.eval_shape(tx.init, trainable)
-    # Optimizer moments are sharded like the params they follow.
-    opt_shardings = sharding.param_shardings(opt_abstract, mesh,
-                                             config.get("fsdp_min_size", 2**18))
-    state["opt_state"] = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    state_shardings["opt_state"] = opt_shardings
-  state = jax.device_put(state, state_shardings)
-  return Setup(model, mesh, frozen, state, state_shardings, frozen_shardings, tx, schedule)
-
-
-# --------------------------------------------------------------------------------------
-# Step functions
-# --------------------------------------------------------------------------------------
-
-
-def make_train_step(setup: Setup, config: ml_collections.ConfigDict):
-  """jit(train_step)(state, frozen, batch) -> (state, metrics); state is donated."""
-  model, tx, schedule = setup.model, setup.tx, setup.schedule
-
-  def train_step(state, frozen, batch):
-    def loss_fn(trainable):
-      params = partition.merge(trainable, frozen)
-      out = model.apply({"params": params}, batch["image"], batch["input_ids"],
-                        batch["attention_mask"])
-      return losses.segmentation_loss(out["logits"], batch["mask"], None, **config.loss)
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {"params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": jax.random.fold_in(state["rng"], state["step"])}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state["step"]), **parts}
-    return new_state, metrics
-
-  data = sharding.batch_sharding(setup.mesh)
-  return jax.jit(train_step,
-                 in_shardings=(setup.state_shardings, setup.frozen_shardings, data),
-                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+log = run_setup.log
 
 
 # --------------------------------------------------------------------------------------
@@ -173,19 +42,12 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict):
 # --------------------------------------------------------------------------------------
 
 
-def per_process_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
-  if global_batch % mesh.size:
-    raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices "
-                     f"of the mesh {dict(mesh.shape)}; change config.batch_size.")
-  return global_batch // jax.process_count()
-
-
 def make_train_data(config, tokenizer, mesh):
   if not config.data_dir:
     raise ValueError("config.data_dir is not set: pass --config.data_dir=DIR, the TFDS data "
                      "dir that `python -m s4eca_jax.prepare ... --data_dir DIR` wrote.")
   source = pipeline.open_split(config.dataset, "train", config.data_dir)
-  batch_size = per_process_batch(config.batch_size, mesh)
+  batch_size = run_setup.per_process_batch(config.batch_size, mesh)
   steps_per_epoch = len(source) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{len(source)} train examples cannot fill one batch of "
@@ -253,11 +115,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
-  from s4eca_jax import evaluate  # pylint: disable=g-import-not-at-top  # evaluate imports us
-
   # ---------------------------------------------------------------- config
   sharding.initialize_distributed(config.get("distributed", False))
-  save_config(config, workdir)
+  run_setup.save_config(config, workdir)
   log(f"workdir {workdir}: {jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.default_backend()} device(s)")
 
@@ -266,22 +126,24 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
   log(f"mesh {dict(mesh.shape)}")
 
   # ---------------------------------------------------------------- data
-  tokenizer = tokenize.load_tokenizer(tokenizer_folder(config), config.max_length)
+  tokenizer = run_setup.load_tokenizer(config)
   train_iter, steps_per_epoch = make_train_data(config, tokenizer, mesh)
   total_steps = total_steps_of(config, steps_per_epoch)
   log(f"data {config.dataset}: {steps_per_epoch} steps/epoch, {total_steps} steps")
 
   # ---------------------------------------------------------------- model, sharding
-  setup = build(config, mesh, total_steps)
-  train_step = make_train_step(setup, config)
+  setup = run_setup.build(config, mesh, total_steps)
+  train_step = run_setup.make_train_step(setup, config)
   data_sharding = sharding.batch_sharding(mesh)
   evaluator = None
   if config.get("eval_every", 0) >= 0:
-    evaluator = evaluate.Evaluator(setup, config, tokenizer, split=config.get("eval_split", "val"))
+    evaluator = evaluate.Evaluator(
+        setup.predict_fn(), setup.eval_param_shardings(), mesh, config, tokenizer,
+        split=config.get("eval_split", "val"))
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoint.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
-                                 best_metric="val/oIoU")
+                                 best_metric=run_setup.best_metric(config))
   state = setup.state
   latest = ckpt.latest_step()
   if latest is not None:
@@ -291,7 +153,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
   step = int(jax.device_get(state["step"]))
 
   # ---------------------------------------------------------------- loop
-  writer = logs.MetricWriter(workdir)
+  writer = metric_writer.MetricWriter(workdir)
   log_every = config.get("log_every", 10)
   eval_every = config.get("eval_every", 0) or total_steps  # 0: at the end; < 0: never
   ckpt_every = config.get("checkpoint_every", 0) or total_steps
@@ -339,7 +201,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
       saved = True
       if eval_every > 0 and (step % eval_every == 0 or step == total_steps):
         flush()
-        eval_metrics = evaluator.run(state["params"], step=step, workdir=workdir)
+        eval_metrics = evaluator.run(setup.eval_params(state["params"]), step=step,
+                                     workdir=workdir)
         writer.write(step, eval_metrics)
         log(f"\nstep {step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in eval_metrics.items()
@@ -364,37 +227,28 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
           "stopped_by": stop.signal_name}
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+FLAGS = flags.FLAGS
 
-  config = flags.FLAGS.config
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  cli.define_config()
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, overlays. "
+                      "An existing run there is resumed.", required=True)
+
+
+def main(argv) -> None:
+  del argv
+  config = run_setup.expand_paths(FLAGS.config)
   try:
-    result = train(config, flags.FLAGS.workdir)
+    result = train(config, run_setup.expand_path(FLAGS.workdir))
   except NonFiniteLossError as error:
     raise SystemExit(f"error: {error}") from None
   if result["stopped_by"]:
-    raise SystemExit(f"stopped by {result['stopped_by']} at step {result['step']}; rerun "
-                     "the same command to resume.")
-
-
-def run():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file(
-      "config", None, "Config file, e.g. configs/rrsisd.py or configs/rrsisd.py:variant=tiny; "
-      "override fields with --config.FIELD=VALUE.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, overlays. "
-                      "An existing run there is resumed.")
-  if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
-    # absl's own --help exits with status 1; a help request is not an error.
-    print(__doc__)
-    print(flags.FLAGS.main_module_help())
-    sys.exit(0)
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+    raise cli.Stopped(f"stopped by {result['stopped_by']} at step {result['step']} with a "
+                      f"checkpoint; rerun the same command to resume (exit {cli.EXIT_STOPPED}).")
 
 
 if __name__ == "__main__":
-  run()
+  define_flags()
+  cli.run(main)

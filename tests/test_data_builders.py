@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import tensorflow_datasets as tfds
 
 import tfds_builders
 from s4eca_jax import prepare
-from s4eca_jax.data import layouts, pipeline, synthetic
+from s4eca_jax.data import pipeline
+from tfds_builders import layout_reader, layout_writer
+from tfds_builders.synthetic_rrsis import expressions, scenes
 
 SHARED_RRSISD = Path(__file__).resolve().parents[2] / "shared" / "data" / "rrsisd"
-REAL_REFS = SHARED_RRSISD / layouts.RRSISD_REFS
+REAL_REFS = SHARED_RRSISD / layout_reader.RRSISD_REFS
 SIZE = 40  # generated images are SIZE x SIZE unless a quirk says otherwise
 
 
@@ -40,7 +43,7 @@ def _save(path: Path, array: np.ndarray, mode: str | None = None, format: str = 
 def real_refs():
   if not REAL_REFS.exists():
     pytest.skip(f"real RRSIS-D refs not found at {REAL_REFS} (shared/ is a sibling of the repo)")
-  return layouts.load_builtin_pickle(REAL_REFS)
+  return layout_reader.load_builtin_pickle(REAL_REFS)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +91,10 @@ def rrsisd_folder(tmp_path_factory, real_refs):
                    "width": SIZE})
     if kind != "no_annotation":
       annotations.append({"id": ref["ann_id"], "image_id": ref["image_id"],
-                          "segmentation": [layouts.encode_rle(mask)],
+                          "segmentation": [layout_reader.encode_rle(mask)],
                           "area": int(mask.sum()), "categories_id": ref["category_id"]})
     masks[ref["sent_ids"][0]] = (mask if height == SIZE else
-                                 layouts.fit_mask_to_image(mask, height, width))
+                                 layout_reader.fit_mask_to_image(mask, height, width))
   (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations}))
   with open(root / "refs(unc).p", "wb") as f:
     pickle.dump(refs, f, protocol=2)
@@ -123,8 +126,8 @@ def test_malicious_pickle_is_refused(tmp_path):
 
   path = tmp_path / "refs(unc).p"
   path.write_bytes(pickle.dumps([{"ref_id": 1, "payload": Exploit()}], protocol=2))
-  with pytest.raises(layouts.UnsafePickleError, match="posix.mkdir|os.mkdir"):
-    layouts.load_builtin_pickle(path)
+  with pytest.raises(layout_reader.UnsafePickleError, match="posix.mkdir|os.mkdir"):
+    layout_reader.load_builtin_pickle(path)
   assert not marker.exists()
 
 
@@ -176,21 +179,15 @@ def test_rrsisd_converted_images_decode_as_rgb_uint8(rrsisd_folder, rrsisd_built
 
 def test_missing_manual_files_are_listed(tmp_path):
   (tmp_path / "refs(unc).p").write_bytes(pickle.dumps([]))
-  with pytest.raises(SystemExit) as error:
-    prepare.main(["rrsis_d", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "d")])
-  message = str(error.value)
+  process = subprocess.run(
+      [sys.executable, "-m", "s4eca_jax.prepare", "rrsis_d", "--manual_dir", str(tmp_path),
+       "--data_dir", str(tmp_path / "d")], capture_output=True, text=True, check=False)
+  assert process.returncode == 2, process.stderr
+  assert "Traceback" not in process.stderr
+  message = process.stderr
   assert str(tmp_path / "instances.json") in message and str(tmp_path / "JPEGImages") in message
   assert "refs(unc).p" not in message.split("How to get them")[0]
   assert "github.com/Lsan2401/RMSIN" in message
-
-
-def test_prepare_help(capsys):
-  with pytest.raises(SystemExit) as exit_code:
-    prepare.main(["--help"])
-  assert exit_code.value.code == 0
-  text = capsys.readouterr().out
-  for word in ("rrsis_d", "refsegrs", "synthetic_rrsis", "--manual_dir", "--num_train"):
-    assert word in text
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +213,7 @@ def refsegrs_folder(tmp_path_factory):
     gray[2:10, 3:20] = 255
     gray[12:15, :] = 40
     _save(root / "masks" / f"{name}.tif", gray, format="TIFF")
-    masks[name] = layouts.fit_mask_to_image((gray > 50).astype(np.uint8), SIZE, SIZE)
+    masks[name] = layout_reader.fit_mask_to_image((gray > 50).astype(np.uint8), SIZE, SIZE)
   for split, split_lines in lines.items():
     (root / f"output_phrase_{split}.txt").write_text("\n".join(split_lines) + "\n")
   return root, lines, masks
@@ -252,38 +249,37 @@ def test_synthetic_scenes_need_the_expression():
   description selects the target alone; hand-made scenes pick the right template."""
   with_distractor = 0
   for i in range(40):
-    scene = synthetic.make_scene(np.random.default_rng([7, 0, i]), 96)
+    scene = scenes.make_scene(np.random.default_rng([7, 0, i]), 96)
     target = scene.objects[scene.target]
     others = [o for j, o in enumerate(scene.objects) if j != scene.target]
     with_distractor += any(o.category == target.category or o.colour == target.colour
                            for o in others)
-    assert scene.expression in synthetic._unique_expressions(scene.objects, scene.target, 96)
+    assert scene.expression in [text for text, _ in expressions.unique_descriptions(scene.objects, scene.target, 96)]
     assert len(scene.expression.split()) <= 20 and target.area > 0
-    assert synthetic.MIN_OBJECTS <= len(scene.objects) <= synthetic.MAX_OBJECTS == 6
+    assert scenes.MIN_OBJECTS <= len(scene.objects) <= scenes.MAX_OBJECTS == 6
     assert not any((o.mask & target.mask).any() for o in others)
   assert with_distractor >= 30
 
   def vehicle(colour, x, y, side=4):
     mask = np.zeros((96, 96), np.uint8)
     mask[y:y + side, x:x + side] = 1
-    return synthetic.SceneObject("vehicle", colour, (x + side / 2, y + side / 2),
+    return scenes.SceneObject("vehicle", colour, (x + side / 2, y + side / 2),
                                  (x, y, x + side, y + side), mask)
 
   red, blue = vehicle("red", 5, 40), vehicle("blue", 70, 42)
-  texts = synthetic._unique_expressions((red, blue), 0, 96)
+  texts = [text for text, _ in expressions.unique_descriptions((red, blue), 0, 96)]
   assert "The red vehicle" in texts and "The leftmost vehicle" in texts
   assert "The vehicle" not in texts and "The blue vehicle" not in texts
   big = vehicle("red", 60, 70, side=12)
-  texts = synthetic._unique_expressions((red, big), 1, 96)
+  texts = [text for text, _ in expressions.unique_descriptions((red, big), 1, 96)]
   assert "The larger vehicle" in texts and "The red vehicle" not in texts
 
 
 def test_synthetic_builder_is_deterministic_and_reads_like_rrsis_d(tmp_path):
   reports = []
   for run in ("a", "b"):
-    args = ["synthetic_rrsis", "--data_dir", str(tmp_path / run), "--num_train", "5",
-            "--num_val", "2", "--num_test", "2", "--image_size", "64", "--seed", "3"]
-    reports.append(prepare.prepare(prepare.parse_args(args)))
+    reports.append(prepare.prepare("synthetic_rrsis", tmp_path / run, num_train=5, num_val=2,
+                                   num_test=2, image_size=64, seed=3))
   name = "synthetic_rrsis/train5_val2_test2_64px_seed3"
   assert reports[0]["name"] == name and reports[0]["examples"] == {
       "train": 5, "val": 2, "test": 2}
@@ -291,14 +287,14 @@ def test_synthetic_builder_is_deterministic_and_reads_like_rrsis_d(tmp_path):
   assert layout_a.parts[-2:] == ("train5_val2_test2_64px_seed3", "1.2.0")  # versioned
   for file in ("refs(unc).p", "instances.json", "JPEGImages/00007.jpg"):
     assert (layout_a / file).read_bytes() == (layout_b / file).read_bytes()
-  refs = layouts.load_builtin_pickle(layout_a / "refs(unc).p")
+  refs = layout_reader.load_builtin_pickle(layout_a / "refs(unc).p")
   instances = json.loads((layout_a / "instances.json").read_text())
-  rle_masks = {a["id"]: layouts.decode_rle(a["segmentation"]) for a in instances["annotations"]}
+  rle_masks = {a["id"]: layout_reader.decode_rle(a["segmentation"]) for a in instances["annotations"]}
   by_sent = {ref["sent_ids"][0]: ref for ref in refs}
   for example in pipeline.open_split(name, "train", tmp_path / "a"):
     ref = by_sent[example["sent_id"]]
     assert example["expression"].decode() == ref["sentences"][0]["raw"]
-    assert layouts.RRSISD_CATEGORIES[example["category"]] in synthetic.CATEGORIES
+    assert layout_reader.RRSISD_CATEGORIES[example["category"]] in scenes.CATEGORIES
     mask = np.asarray(Image.open(io.BytesIO(example["mask"])))
     np.testing.assert_array_equal(mask, rle_masks[ref["ann_id"]])
     assert mask.any()
@@ -307,23 +303,23 @@ def test_synthetic_builder_is_deterministic_and_reads_like_rrsis_d(tmp_path):
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(layout_a)))
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == reports[0]["examples"]
-  other_seed = synthetic.write_rrsis_layout(tmp_path / "c", num_train=1, num_val=1, num_test=1,
+  other_seed = layout_writer.write_rrsis_layout(tmp_path / "c", num_train=1, num_val=1, num_test=1,
                                             image_size=64, seed=4, progress=False)
   assert ((other_seed / "JPEGImages/00001.jpg").read_bytes()
           != (layout_a / "JPEGImages/00001.jpg").read_bytes())
 
 
 def test_synthetic_layout_does_not_depend_on_the_number_of_workers(tmp_path):
-  layouts_written = [synthetic.write_rrsis_layout(
+  layouts_written = [layout_writer.write_rrsis_layout(
       tmp_path / str(workers), num_train=120, num_val=4, num_test=4, image_size=64, seed=1,
       progress=False, workers=workers) for workers in (1, 2)]
   one, two = layouts_written
-  assert ((one / layouts.RRSISD_INSTANCES).read_bytes()
-          == (two / layouts.RRSISD_INSTANCES).read_bytes())
+  assert ((one / layout_reader.RRSISD_INSTANCES).read_bytes()
+          == (two / layout_reader.RRSISD_INSTANCES).read_bytes())
   # Same content; the pickle bytes differ only in memoised (shared) strings.
-  assert (layouts.load_builtin_pickle(one / layouts.RRSISD_REFS)
-          == layouts.load_builtin_pickle(two / layouts.RRSISD_REFS))
-  images = sorted(p.name for p in (one / layouts.RRSISD_IMAGES).iterdir())
+  assert (layout_reader.load_builtin_pickle(one / layout_reader.RRSISD_REFS)
+          == layout_reader.load_builtin_pickle(two / layout_reader.RRSISD_REFS))
+  images = sorted(p.name for p in (one / layout_reader.RRSISD_IMAGES).iterdir())
   assert len(images) == 128
-  assert all((one / layouts.RRSISD_IMAGES / n).read_bytes()
-             == (two / layouts.RRSISD_IMAGES / n).read_bytes() for n in images)
+  assert all((one / layout_reader.RRSISD_IMAGES / n).read_bytes()
+             == (two / layout_reader.RRSISD_IMAGES / n).read_bytes() for n in images)

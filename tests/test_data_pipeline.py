@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 from s4eca_jax.data import pipeline
-from s4eca_jax.tokenize import load_tokenizer
+from s4eca_jax.text_tokenizer import load_tokenizer
 
 NUM_EXAMPLES = 12
 SIZE = 16  # image_size

@@ -2,15 +2,15 @@
 -> rrsis_d build -> train -> evaluate -> tables and pictures; a rerun reuses all of it."""
 
 from s4eca_jax import demo
-from s4eca_jax.data import synthetic
+from tfds_builders import layout_writer
+from tfds_builders.synthetic_rrsis import expressions
 
 
 def test_demo_end_to_end_and_rerun(tmp_path, capsys):
-  argv = ["--config_arg", "variant=tiny", "--workdir", str(tmp_path / "runs"),
-          "--data_dir", str(tmp_path / "data")]
-  result = demo.main(argv)["s4eca"]
+  run = lambda: demo.run_demo(tmp_path / "runs", tmp_path / "data", config_arg="variant=tiny")
+  result = run()["s4eca"]
   assert result["step"] == 2 and result["val"]["n"] == 8
-  assert set(result["val_per_type"]) <= set(synthetic.EXPRESSION_TYPES)
+  assert set(result["val_per_type"]) <= set(expressions.EXPRESSION_TYPES)
   assert sum(m["n"] for m in result["val_per_type"].values()) == 8
   for path in result["pictures"].values():
     assert path.exists(), path
@@ -20,24 +20,24 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
   first = capsys.readouterr().out
   assert "rrsis_d built from the layout" in first and "pictures:" in first
 
-  again = demo.main(argv)["s4eca"]
+  again = run()["s4eca"]
   second = capsys.readouterr().out
   assert "rrsis_d reused" in second and "writing" not in second
   assert again["step"] == 2 and again["val"] == result["val"]
 
 
 def test_layout_records_balanced_expression_types(tmp_path):
-  layout = synthetic.write_rrsis_layout(tmp_path, num_train=40, num_val=1, num_test=1,
+  layout = layout_writer.write_rrsis_layout(tmp_path, num_train=40, num_val=1, num_test=1,
                                         image_size=96, seed=0, progress=False)
   types = demo.expression_types(layout)
-  counts = {t: list(types.values()).count(t) for t in synthetic.EXPRESSION_TYPES}
+  counts = {t: list(types.values()).count(t) for t in expressions.EXPRESSION_TYPES}
   assert len(types) == 42 and min(counts.values()) >= 5, counts
 
 
 def test_ablation_config_and_side_by_side_tables():
   data = {"tfds_data_dir": "/nowhere"}
-  assert demo.run_config("variant=tiny", 1, data).model.language_guidance
-  blind = demo.run_config("variant=tiny", 0, data)
+  assert demo.run_config("variant=tiny", True, data).model.language_guidance
+  blind = demo.run_config("variant=tiny", False, data)
   assert not blind.model.language_guidance and blind.dataset == "rrsis_d"
   row = {"n": 4, "mIoU": 0.5, "oIoU": 0.6, "P@0.5": 0.5, "P@0.7": 0.25, "P@0.9": 0.0}
   results = {name: {"val": row, "step": 2, "train_seconds": 1.0,

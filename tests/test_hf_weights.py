@@ -2,6 +2,8 @@
 
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from s4eca_jax import tokenize  # pylint: disable=g-import-not-at-top
+from s4eca_jax import text_tokenizer  # pylint: disable=g-import-not-at-top
 from s4eca_jax.models import hf_weights, text  # pylint: disable=g-import-not-at-top
 
 SENTENCES = [
@@ -65,15 +67,15 @@ def test_minilm_matches_pytorch(minilm_dir, minilm):
 def test_slow_tokenizer_files_give_same_ids(minilm_dir, tmp_path):
   for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
     shutil.copy(minilm_dir / name, tmp_path / name)
-  slow = tokenize.load_tokenizer(tmp_path, 12)(SENTENCES)
-  fast = tokenize.load_tokenizer(minilm_dir, 12)(SENTENCES)
+  slow = text_tokenizer.load_tokenizer(tmp_path, 12)(SENTENCES)
+  fast = text_tokenizer.load_tokenizer(minilm_dir, 12)(SENTENCES)
   np.testing.assert_array_equal(slow["input_ids"], fast["input_ids"])
   assert slow["input_ids"].shape == (4, 12) and slow["input_ids"].dtype == np.int32
 
 
 def test_missing_tokenizer_names_the_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-    tokenize.load_tokenizer(tmp_path, 8)
+    text_tokenizer.load_tokenizer(tmp_path, 8)
 
 
 def _tiny_bert_folder(tmp_path, **overrides):
@@ -173,11 +175,12 @@ def test_unsupported_and_ambiguous_folders(tmp_path):
     hf_weights.load_pretrained(tmp_path)
 
 
-def test_inspect_checkpoint_cli(minilm_dir, capsys):
-  from s4eca_jax import inspect_checkpoint  # pylint: disable=g-import-not-at-top
-
-  inspect_checkpoint.main([str(minilm_dir), "--sentences", SENTENCES[0], SENTENCES[1]])
-  out = capsys.readouterr().out
+def test_inspect_checkpoint_cli(minilm_dir):
+  process = subprocess.run(
+      [sys.executable, "-m", "s4eca_jax.inspect_checkpoint", str(minilm_dir), "--sentence",
+       SENTENCES[0], "--sentence", SENTENCES[1]], capture_output=True, text=True, check=False)
+  assert process.returncode == 0, process.stderr
+  out = process.stdout
   assert "BertEncoder (bert)" in out and "parameters: 22,713,216" in out
   similarity = float(out.split("cosine similarity of sentence vectors:\n")[1].split()[1])
   assert 0.7 < similarity < 1.0

@@ -11,15 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from configs import rrsisd
-from s4eca_jax import losses, partition
+from s4eca_jax import losses, optimizer, partition
 from s4eca_jax.models import hf_weights, s4eca
+from tests import run_fixtures
 
 BATCH = 4
 
 
 def _config(**model_overrides):
-  config = rrsisd.get_config("variant=tiny")
+  config = run_fixtures.config("rrsisd", "variant=tiny")
   config.model.update(model_overrides)
   return config
 
@@ -174,7 +174,7 @@ def train_setup(tiny):
   """The train step a trainer runs: grads w.r.t. the trainable tree only."""
   config, model, params = tiny
   trainable, frozen = partition.split(params, partition.trainable_mask(params, config.trainable))
-  tx, _ = partition.make_optimizer(config.optimizer, total_steps=1000)
+  tx, _ = optimizer.make_optimizer(config.optimizer, total_steps=1000)
 
   @jax.jit
   def step(trainable, opt_state, batch):

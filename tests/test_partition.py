@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import rrsisd
-from s4eca_jax import params as params_lib
-from s4eca_jax import partition
+from s4eca_jax import optimizer, param_table, partition
+from s4eca_jax.models import s4eca
+from tests import run_fixtures
 
 RULES = (
     (r"encoder/block_\d+/adapter/.*", "train"),
@@ -53,7 +53,7 @@ def test_unmatched_leaf_and_bad_action_are_named():
 
 
 def _optimizer_config(**overrides):
-  config = rrsisd.get_config().optimizer
+  config = run_fixtures.config("rrsisd").optimizer
   config.update(overrides)
   return config
 
@@ -61,7 +61,7 @@ def _optimizer_config(**overrides):
 def test_frozen_leaves_get_no_gradient_and_no_optimizer_state():
   params = _tree()
   trainable, frozen = partition.split(params, partition.trainable_mask(params, RULES))
-  tx, _ = partition.make_optimizer(_optimizer_config(warmup_steps=0, lr=0.1), total_steps=10)
+  tx, _ = optimizer.make_optimizer(_optimizer_config(warmup_steps=0, lr=0.1), total_steps=10)
   opt_state = tx.init(trainable)
   state_paths = set()
   for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
@@ -80,7 +80,7 @@ def test_frozen_leaves_get_no_gradient_and_no_optimizer_state():
 
 def test_weight_decay_skips_biases_and_norms():
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
-  tx, _ = partition.make_optimizer(
+  tx, _ = optimizer.make_optimizer(
       _optimizer_config(warmup_steps=0, lr=0.1, weight_decay=0.5, clip_norm=None), 10)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -89,30 +89,30 @@ def test_weight_decay_skips_biases_and_norms():
 
 
 def test_schedules():
-  cosine = partition.make_schedule(_optimizer_config(lr=1.0, warmup_steps=10), 110)
+  cosine = optimizer.make_schedule(_optimizer_config(lr=1.0, warmup_steps=10), 110)
   np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
-  step = partition.make_schedule(
+  step = optimizer.make_schedule(
       _optimizer_config(lr=1.0, warmup_steps=0, schedule="step", step_boundaries=(0.5, 0.8),
                         step_decay=0.1), 100)
   np.testing.assert_allclose([step(10), step(60), step(90)], [1.0, 0.1, 0.01], rtol=1e-5)
   with pytest.raises(ValueError, match="schedule"):
-    partition.make_schedule(_optimizer_config(schedule="linear"), 10)
+    optimizer.make_schedule(_optimizer_config(schedule="linear"), 10)
 
 
 @pytest.mark.parametrize("variant", ["full", "tiny"])
 def test_config_rules_train_exactly_adapters_and_decoder(variant):
-  config = rrsisd.get_config(f"variant={variant}")
-  shapes = params_lib.abstract_params(config)
+  config = run_fixtures.config("rrsisd", f"variant={variant}")
+  shapes = s4eca.abstract_params(config)
   mask = partition.flatten(partition.trainable_mask(shapes, config.trainable))
   for path, trainable in mask.items():
-    assert trainable == (params_lib.group_of(path) in ("adapters", "decoder")), path
+    assert trainable == (param_table.group_of(path) in ("adapters", "decoder")), path
 
 
 def test_config_rules_without_textual_adapter():
-  config = rrsisd.get_config("variant=tiny")
+  config = run_fixtures.config("rrsisd", "variant=tiny")
   config.model.textual_adapter.enabled = False
-  shapes = params_lib.abstract_params(config)
+  shapes = s4eca.abstract_params(config)
   assert "sentence_proxy" in shapes and "textual_adapter" not in shapes
   mask = partition.flatten(partition.trainable_mask(shapes, config.trainable))
   assert mask["sentence_proxy/kernel"]

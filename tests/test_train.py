@@ -17,18 +17,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s4eca_jax import checkpoint, evaluate, logs, predict, train
+from s4eca_jax import checkpoint, evaluate, metric_writer, predict, run_setup, sharding, train
 from tests import run_fixtures
 
 STEPS = 6
 
 
 def _params_and_losses(workdir):
-  config = train.load_config(workdir)
-  losses = {r["step"]: r["train/loss"] for r in logs.read_metrics(workdir) if "train/loss" in r}
+  config = run_setup.load_config(workdir)
+  losses = {r["step"]: r["train/loss"] for r in metric_writer.read_metrics(workdir)
+            if "train/loss" in r}
   ckpt = checkpoint.Checkpointer(workdir)
-  mesh = train.sharding.make_mesh((("data", 1), ("fsdp", 1)))
-  setup = train.build(config, mesh, total_steps=1)
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 1)))
+  setup = run_setup.build(config, mesh, total_steps=1)
   state, _ = setup.restore(ckpt, ckpt.latest_step())
   ckpt.close()
   return jax.device_get(state["params"]), losses
@@ -116,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_
 
 
 def test_evaluate_and_predict_cli(trained_workdir, tmp_path, capsys):
-  results = evaluate.main(["--workdir", str(trained_workdir), "--split", "test"])
+  results = evaluate.evaluate_run(trained_workdir, split="test")
   out = capsys.readouterr().out
   assert "per category" in out and "original" in out
   assert results["test/n"] == results["test/original/n"] == 8
@@ -126,15 +127,15 @@ def test_evaluate_and_predict_cli(trained_workdir, tmp_path, capsys):
   assert list(trained_workdir.glob("eval_test_step*.json"))
   assert list((trained_workdir / "overlays").glob("val_step*.png"))
   assert list((trained_workdir / "tb").glob("events.out.tfevents.*"))
-  logged = logs.read_metrics(trained_workdir)
+  logged = metric_writer.read_metrics(trained_workdir)
   assert {"train/loss", "train/lr", "train/images_per_s"} <= set(logged[0])
   assert any("val/oIoU" in row for row in logged)
 
   image = np.random.RandomState(0).randint(0, 255, (50, 70, 3), np.uint8)
   Image.fromarray(image).save(tmp_path / "scene.png")
   out_path = tmp_path / "pred" / "mask.png"
-  predict.main(["--workdir", str(trained_workdir), "--image", str(tmp_path / "scene.png"),
-                "--expression", "the red vehicle on the left", "--out", str(out_path)])
+  predict.predict_pairs(trained_workdir, [(str(tmp_path / "scene.png"),
+                                           "the red vehicle on the left", out_path)])
   mask = np.asarray(Image.open(out_path))
   assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
   assert out_path.with_name("mask_overlay.png").exists()
@@ -142,25 +143,30 @@ def test_evaluate_and_predict_cli(trained_workdir, tmp_path, capsys):
   pairs = tmp_path / "pairs.jsonl"
   pairs.write_text(json.dumps({"image": str(tmp_path / "scene.png"), "expression": "a ship"})
                    + "\n")
-  written = predict.main(["--workdir", str(trained_workdir), "--batch", str(pairs),
-                          "--out_dir", str(tmp_path / "batch")])
+  written = predict.predict_pairs(trained_workdir,
+                                  predict.read_batch_file(pairs, tmp_path / "batch"))
   assert len(written) == 1 and written[0].exists()
+
+
+def _predict_cli(*args):
+  return subprocess.run([sys.executable, "-m", "s4eca_jax.predict", *args], capture_output=True,
+                        text=True, check=False, timeout=300)
 
 
 def test_predict_rejects_bad_inputs(trained_workdir, tmp_path):
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
-  with pytest.raises(SystemExit, match="expression is empty"):
-    predict.main(["--workdir", str(trained_workdir), "--image", str(tmp_path / "ok.png"),
-                  "--expression", "   ", "--out", str(tmp_path / "m.png")])
   (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
-  with pytest.raises(SystemExit, match="could not be read as an image"):
-    predict.main(["--workdir", str(trained_workdir), "--image", str(tmp_path / "broken.jpg"),
-                  "--expression", "the ship", "--out", str(tmp_path / "m.png")])
-
-
-def test_cli_help():
-  for module in ("train", "evaluate", "predict"):
-    result = subprocess.run([sys.executable, "-m", f"s4eca_jax.{module}", "--help"],
-                            capture_output=True, text=True, check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "--workdir" in result.stdout
+  (tmp_path / "bad.jsonl").write_text('{"image": "x.png", "expression": "a ship"}\nnot json\n')
+  cases = {
+      "expression is empty": ["--image", str(tmp_path / "ok.png"), "--expression", "   ",
+                              "--out", str(tmp_path / "m.png")],
+      "could not be read as an image": ["--image", str(tmp_path / "broken.jpg"),
+                                        "--expression", "the ship", "--out",
+                                        str(tmp_path / "m.png")],
+      "bad.jsonl:2: not a JSON object": ["--batch", str(tmp_path / "bad.jsonl"), "--out_dir",
+                                         str(tmp_path / "o")],
+  }
+  for message, args in cases.items():
+    process = _predict_cli("--workdir", str(trained_workdir), *args)
+    assert process.returncode == 2 and message in process.stderr, process.stderr
+    assert "Traceback" not in process.stderr

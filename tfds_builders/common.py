@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from s4eca_jax.data import layouts
+from tfds_builders import layout_reader
 
 
 def referring_features(categories: tuple[str, ...] | None) -> tfds.features.FeaturesDict:
@@ -37,4 +37,4 @@ class ReferringBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, **kwargs):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
-    self.quirks = layouts.QuirkLog()
+    self.quirks = layout_reader.QuirkLog()

@@ -1,2 +1,1 @@
-"""Data: manual-download layouts (layouts.py), the synthetic scene generator
-(synthetic.py) and the grain input pipeline (pipeline.py)."""
+"""Data: the grain input pipeline (pipeline.py) over the TFDS builders of tfds_builders/."""

@@ -48,7 +48,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-Tokenizer = Callable[[list[str]], dict[str, np.ndarray]]  # e.g. tokenize.TextTokenizer
+import tfds_builders  # pylint: disable=unused-import  # registers the builders with tfds
+
+Tokenizer = Callable[[list[str]], dict[str, np.ndarray]]  # e.g. text_tokenizer.TextTokenizer
 Example = dict[str, Any]
 
 _KEEP_ENCODED = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
@@ -63,8 +65,6 @@ def open_split(name: str, split: str, data_dir: str | Path) -> Sequence[Example]
   """Random-access data source of a prepared split; `name` as in tfds, e.g. "rrsis_d" or
   "synthetic_rrsis/train64_val16_test16_128px_seed0". Image and mask stay encoded bytes
   (decoded in the pipeline, in its threads or worker processes)."""
-  import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import  # registers them
-
   builder = tfds.builder(name, data_dir=data_dir)
   if split not in builder.info.splits:
     dataset = name.split("/")[0]

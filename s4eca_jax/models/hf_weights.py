@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s4eca_jax import tokenize
-from s4eca_jax.models import text, vit
+from s4eca_jax import text_tokenizer
+from s4eca_jax.models import layers, text, vit
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -201,12 +201,10 @@ def _example_inputs(module: nn.Module) -> tuple[tuple, dict]:
   return (ids, ids), {}
 
 
-def abstract_params(module: nn.Module, *inputs, **kwargs) -> Any:
-  """Parameter shapes of `module` (jax.ShapeDtypeStruct leaves) without allocating them."""
-  if not inputs:
-    inputs, kwargs = _example_inputs(module)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **kwargs))
-  return shapes["params"]
+def encoder_abstract_params(module: nn.Module) -> Any:
+  """Parameter shapes of an encoder module, from example inputs of its own size."""
+  inputs, kwargs = _example_inputs(module)
+  return layers.abstract_params(module, *inputs, **kwargs)
 
 
 def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any = None,
@@ -228,7 +226,7 @@ def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any
                      f"{type(module).__name__}{'' if family is None else f'(family={family!r})'}.")
   tensors = read_checkpoint(folder) if tensors is None else tensors
   target = flax.traverse_util.flatten_dict(
-      abstract_params(module) if params is None else params, sep="/")
+      encoder_abstract_params(module) if params is None else params, sep="/")
   prefix = next((p for p in spec.prefixes if p + spec.signature in tensors), None)
   if prefix is None:
     raise CheckpointMismatchError(
@@ -360,7 +358,7 @@ class Pretrained:
   params: Any
   kind: str
   report: LoadReport
-  tokenizer: tokenize.TextTokenizer | None  # text towers whose folder has tokenizer files
+  tokenizer: text_tokenizer.TextTokenizer | None  # text towers whose folder has tokenizer files
   config: dict  # the folder's config.json
 
 
@@ -387,6 +385,6 @@ def load_pretrained(folder: str | Path, *, tower: str | None = None, max_length:
   module = MODULES[kind](**kwargs)
   params, report = load_params(module, folder, kind, tensors=tensors)
   tokenizer = None
-  if kind in ("clip_text", "bert") and tokenize.has_tokenizer(folder):
-    tokenizer = tokenize.load_tokenizer(folder, max_length)
+  if kind in ("clip_text", "bert") and text_tokenizer.has_tokenizer(folder):
+    tokenizer = text_tokenizer.load_tokenizer(folder, max_length)
   return Pretrained(module, params, kind, report, tokenizer, config)

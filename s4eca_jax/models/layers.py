@@ -220,3 +220,11 @@ def resize_grid(grid: jax.Array, out_hw: tuple[int, int], antialias: bool) -> ja
   grid = grid.astype(jnp.float32)
   out = jnp.einsum("ih,bhwd,jw->bijd", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
   return out.astype(dtype)
+
+
+def abstract_params(module: nn.Module, *inputs, **kwargs) -> Any:
+  """Parameter shapes of `module` for these inputs (jax.ShapeDtypeStruct leaves), from
+  jax.eval_shape of its init: nothing is allocated. The one eval_shape helper of the
+  project."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **kwargs))
+  return shapes["params"]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from s4eca_jax.models import adapters, decoder, hf_weights, text, vit
+from s4eca_jax.models import adapters, decoder, hf_weights, layers, text, vit
 
 IMAGE_KINDS = {"dinov2": "dinov2", "clip_vision": "clip"}  # checkpoint kind -> ViT family
 TEXT_ENCODERS = {"clip_text": text.ClipTextEncoder, "bert": text.BertEncoder}
@@ -122,6 +122,12 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
   return (jnp.zeros((batch_size, side, side, 3), jnp.float32),
           jnp.ones((batch_size, config.max_length), jnp.int32),
           jnp.ones((batch_size, config.max_length), jnp.int32))
+
+
+def abstract_params(config: ml_collections.ConfigDict, model: S4ECA | None = None) -> Any:
+  """The parameter tree of the model `config` describes, as jax.ShapeDtypeStruct leaves."""
+  model = build_model(config) if model is None else model
+  return layers.abstract_params(model, *example_inputs(config))
 
 
 def _check_architecture(module: nn.Module, folder: str, kind: str, tensors: dict, name: str):

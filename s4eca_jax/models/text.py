@@ -1,6 +1,6 @@
 """Frozen text encoders: the CLIP text tower and the BERT family (e.g. MiniLM).
 
-Both take `input_ids` and `attention_mask` (B, L) int arrays from s4eca_jax.tokenize and
+Both take `input_ids` and `attention_mask` (B, L) int arrays from s4eca_jax.text_tokenizer and
 return
     {"tokens": (B, L, C) final word tokens, "sentence": (B, C') sentence vector,
      "taps": {k: (B, L, C) tokens after block k (1-based)}, "adapter_state": ...}.

@@ -1,4 +1,4 @@
-"""TFDS builder for RefSegRS read from its published layout (see layouts.py).
+"""TFDS builder for RefSegRS read from its published layout (see layout_reader.py).
 
 The release carries no category labels (only `<id> <expression>` lines), so unlike
 rrsis_d this builder has no `category` feature rather than one guessed from the text.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from s4eca_jax.data import layouts
+from tfds_builders import layout_reader
 from tfds_builders.common import ReferringBuilder, referring_features
 
-REQUIRED_FILES = [layouts.REFSEGRS_IMAGES, layouts.REFSEGRS_MASKS,
-                  *layouts.REFSEGRS_PHRASES.values()]
+REQUIRED_FILES = [layout_reader.REFSEGRS_IMAGES, layout_reader.REFSEGRS_MASKS,
+                  *layout_reader.REFSEGRS_PHRASES.values()]
 
 
 class Builder(ReferringBuilder):
@@ -44,10 +44,10 @@ then run:  python -m s4eca_jax.prepare refsegrs --manual_dir <manual_dir> --data
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = dl_manager.manual_dir
-    layouts.require_files(self.name, root, REQUIRED_FILES, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    triplets = layouts.read_refsegrs_phrases(root)
+    layout_reader.require_files(self.name, root, REQUIRED_FILES, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    triplets = layout_reader.read_refsegrs_phrases(root)
     return {split: self._generate_examples(root, triplets, split)
             for split, split_triplets in triplets.items() if split_triplets}
 
   def _generate_examples(self, root, triplets, split):
-    yield from layouts.refsegrs_examples(root, triplets, split, self.quirks)
+    yield from layout_reader.refsegrs_examples(root, triplets, split, self.quirks)

@@ -1,13 +1,13 @@
-"""TFDS builder for RRSIS-D read from its RMSIN on-disk layout (see layouts.py)."""
+"""TFDS builder for RRSIS-D read from its RMSIN on-disk layout (see layout_reader.py)."""
 
 from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from s4eca_jax.data import layouts
+from tfds_builders import layout_reader
 from tfds_builders.common import ReferringBuilder, referring_features
 
-REQUIRED_FILES = [layouts.RRSISD_REFS, layouts.RRSISD_INSTANCES, layouts.RRSISD_IMAGES]
+REQUIRED_FILES = [layout_reader.RRSISD_REFS, layout_reader.RRSISD_INSTANCES, layout_reader.RRSISD_IMAGES]
 
 
 class Builder(ReferringBuilder):
@@ -35,16 +35,16 @@ then run:  python -m s4eca_jax.prepare rrsis_d --manual_dir <manual_dir> --data_
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=referring_features(layouts.RRSISD_CATEGORIES),
+        features=referring_features(layout_reader.RRSISD_CATEGORIES),
         homepage="https://github.com/Lsan2401/RMSIN")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = dl_manager.manual_dir
-    layouts.require_files(self.name, root, REQUIRED_FILES, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    annotations = layouts.read_rrsisd_annotations(root)
+    layout_reader.require_files(self.name, root, REQUIRED_FILES, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    annotations = layout_reader.read_rrsisd_annotations(root)
     present = {ref["split"] for ref in annotations.refs}
     return {split: self._generate_examples(root, annotations, split)
-            for split in layouts.RRSISD_SPLITS if split in present}
+            for split in layout_reader.RRSISD_SPLITS if split in present}
 
   def _generate_examples(self, root, annotations, split):
-    yield from layouts.rrsisd_examples(root, annotations, split, self.quirks)
+    yield from layout_reader.rrsisd_examples(root, annotations, split, self.quirks)

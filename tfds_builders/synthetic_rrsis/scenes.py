@@ -1,51 +1,31 @@
-"""Procedural top-down scenes with referring expressions that need language to be solved.
+"""Procedural top-down scenes for synthetic_rrsis, drawn so that language is needed.
 
 Each scene has textured ground, optionally a water band along one edge and a road, and
 3-6 objects of RRSIS-D categories (vehicles as small rectangles, storage tanks as
 circles, courts with lines, ships on water, bridges over it, ...), each with a colour, a
 size and a position. One object is the target; in most scenes it has distractors of the
-same category (or other objects of the same colour), and the expression is drawn from
-RRSIS-D-style templates ("The red vehicle on the lower left", "The larger storage tank",
-"The ship to the right of the bridge") among those that single it out: every
-description is also a predicate, and it is kept only if exactly the target satisfies it.
-Each description has a type (EXPRESSION_TYPES: the cue it rests on). A scene first draws
-its type uniformly, then is planned and redrawn until a description of that type singles
-the target out: the types come balanced (left to chance, position phrases would be 70%).
-
-`write_rrsis_layout` writes the RRSIS-D on-disk layout (JPEGImages/, instances.json with
-RLE, refs(unc).p), which the `synthetic_rrsis` and `rrsis_d` builders read through
-layouts.py. Everything is deterministic given the seed: scene i of a split uses its own
-generator seeded with (seed, split, i).
+same category (or other objects of the same colour), and the expression comes from the
+grammar in expressions.py among the descriptions that single it out. A scene first draws
+its expression type uniformly, then is planned and redrawn until a description of that
+type singles the target out: the types come balanced (left to chance, position phrases
+would be 70%). Everything is deterministic given the generator.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import multiprocessing
-import os
-import pickle
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
-import tqdm
 
-from s4eca_jax.data import layouts
+from tfds_builders.synthetic_rrsis import expressions
 
 COLOURS = {
     "red": (196, 42, 38), "blue": (38, 84, 196), "white": (236, 236, 230),
     "yellow": (228, 198, 40), "orange": (232, 128, 32), "black": (28, 28, 32),
     "gray": (128, 128, 132), "purple": (128, 60, 160),
 }
-NOUNS = {
-    "vehicle": "vehicle", "storagetank": "storage tank", "ship": "ship",
-    "tenniscourt": "tennis court", "basketballcourt": "basketball court",
-    "groundtrackfield": "ground track field", "baseballfield": "baseball field",
-    "airplane": "airplane", "windmill": "windmill", "bridge": "bridge",
-}
-CATEGORIES = tuple(NOUNS)  # the RRSIS-D categories that scenes draw
+CATEGORIES = tuple(expressions.NOUNS)  # the RRSIS-D categories that scenes draw
 ON_WATER = ("ship",)
 # Object length as a fraction of the image side: (min, max).
 SIZE_RANGE = {
@@ -57,18 +37,11 @@ SIZE_RANGE = {
 # Short side / long side of the box; the rest are square.
 ASPECT = {"vehicle": 0.5, "ship": 0.3, "tenniscourt": 0.55, "basketballcourt": 0.6,
           "groundtrackfield": 0.55}
-REGIONS = (("upper left", "top", "upper right"), ("left", "middle", "right"),
-           ("lower left", "bottom", "lower right"))
-REGION_PREPOSITION = {"top": "at the", "bottom": "at the", "middle": "in the"}
 SAME_CATEGORY_DISTRACTOR_PROBABILITY = 0.8
 # Objects per scene: the target and at least two distractors. With one distractor a
 # language-blind guess is right half the time (those scenes held 73% of the blind demo
 # run's hits at IoU >= 0.5).
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
-SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
-# What an expression rests on besides the noun: nothing ("The ship"), the colour, the
-# relative size, or the position (image region, leftmost..., relation to another object).
-EXPRESSION_TYPES = ("category", "colour", "size", "location")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +63,7 @@ class Scene:
   objects: tuple[SceneObject, ...]
   target: int  # index into objects
   expression: str
-  expression_type: str  # one of EXPRESSION_TYPES
+  expression_type: str  # one of expressions.EXPRESSION_TYPES
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,99 +215,7 @@ def _overlaps(box, others, margin: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Expressions: each candidate description is (text, predicate, type); keep those that
-# select exactly the target.
-# ---------------------------------------------------------------------------------------
-
-
-def _region(obj: SceneObject, size: int) -> str | None:
-  """3 x 3 grid cell of the object's centre, None within 4% of a cell border."""
-  cells = []
-  for coordinate in obj.center:
-    cell = int(np.clip(coordinate * 3 // size, 0, 2))
-    border_distance = min(abs(coordinate - size * k / 3) for k in (1, 2))
-    if border_distance < 0.04 * size:
-      return None
-    cells.append(cell)
-  return REGIONS[cells[1]][cells[0]]
-
-
-def _region_phrase(region: str) -> str:
-  return f"{REGION_PREPOSITION.get(region, 'on the')} {region}"
-
-
-Description = tuple[str, Callable[[SceneObject], bool], str]
-
-
-def _descriptions(objects: tuple[SceneObject, ...], target: SceneObject,
-                  size: int) -> list[Description]:
-  noun, category = NOUNS[target.category], target.category
-  same = [o for o in objects if o.category == category]
-  of_category = lambda predicate: (lambda o: o.category == category and predicate(o))
-  candidates: list[Description] = [
-      (f"The {noun}", of_category(lambda o: True), "category"),
-      (f"The {target.colour} {noun}", of_category(lambda o: o.colour == target.colour),
-       "colour"),
-  ]
-  region = _region(target, size)
-  if region is not None:
-    in_region = lambda o: _region(o, size) == region
-    candidates += [
-        (f"The {noun} {_region_phrase(region)}", of_category(in_region), "location"),
-        (f"The {target.colour} {noun} {_region_phrase(region)}",
-         of_category(lambda o: in_region(o) and o.colour == target.colour), "location"),
-    ]
-  if len(same) >= 2:
-    areas = sorted(o.area for o in same)
-    two = len(same) == 2
-    if target.area == areas[-1] and areas[-1] >= 1.4 * areas[-2]:
-      candidates.append((f"The {'larger' if two else 'largest'} {noun}",
-                         of_category(lambda o: o.area == areas[-1]), "size"))
-    if target.area == areas[0] and areas[1] >= 1.4 * areas[0]:
-      candidates.append((f"The {'smaller' if two else 'smallest'} {noun}",
-                         of_category(lambda o: o.area == areas[0]), "size"))
-    for axis, (low, high) in ((0, ("leftmost", "rightmost")), (1, ("topmost", "bottommost"))):
-      ordered = sorted(o.center[axis] for o in same)
-      gap = 0.08 * size
-      if target.center[axis] == ordered[0] and ordered[1] - ordered[0] >= gap:
-        candidates.append((f"The {low} {noun}",
-                           of_category(lambda o, a=axis, v=ordered[0]: o.center[a] == v),
-                           "location"))
-      if target.center[axis] == ordered[-1] and ordered[-1] - ordered[-2] >= gap:
-        candidates.append((f"The {high} {noun}",
-                           of_category(lambda o, a=axis, v=ordered[-1]: o.center[a] == v),
-                           "location"))
-  margin = 0.05 * size
-  for anchor in objects:
-    if anchor is target or sum(o.category == anchor.category for o in objects) != 1:
-      continue  # "the bridge" must itself be unambiguous
-    ax, ay = anchor.center
-    relations = {
-        "to the left of": lambda o: o.center[0] < ax - margin,
-        "to the right of": lambda o: o.center[0] > ax + margin,
-        "above": lambda o: o.center[1] < ay - margin,
-        "below": lambda o: o.center[1] > ay + margin,
-    }
-    for phrase, relation in relations.items():
-      if relation(target):
-        candidates.append((f"The {noun} {phrase} the {NOUNS[anchor.category]}",
-                           of_category(relation), "location"))
-  return candidates
-
-
-def _unique_descriptions(objects: tuple[SceneObject, ...], target: int,
-                         size: int) -> list[tuple[str, str]]:
-  """(text, type) of every description that selects exactly objects[target]."""
-  return [(text, kind) for text, predicate, kind in _descriptions(objects, objects[target], size)
-          if [i for i, o in enumerate(objects) if predicate(o)] == [target]]
-
-
-def _unique_expressions(objects: tuple[SceneObject, ...], target: int, size: int) -> list[str]:
-  return [text for text, _ in _unique_descriptions(objects, target, size)]
-
-
-# ---------------------------------------------------------------------------------------
-# Scenes and the RRSIS-D layout.
+# Planning a scene and choosing its expression.
 # ---------------------------------------------------------------------------------------
 
 
@@ -358,7 +239,7 @@ def _plan_categories(rng: np.random.Generator, target_category: str, has_water: 
 def make_scene(rng: np.random.Generator, size: int, max_tries: int = 100) -> Scene:
   """One scene whose target has an expression that picks it out alone, of a type drawn
   uniformly from EXPRESSION_TYPES (balanced types)."""
-  expression_type = str(rng.choice(EXPRESSION_TYPES))
+  expression_type = str(rng.choice(expressions.EXPRESSION_TYPES))
   for _ in range(max_tries):
     canvas, water = _background(rng, size)
     target_choices = [c for c in CATEGORIES if water.any() or c not in (*ON_WATER, "bridge")]
@@ -390,71 +271,13 @@ def make_scene(rng: np.random.Generator, size: int, max_tries: int = 100) -> Sce
     if len(objects) < MIN_OBJECTS or objects[0].category != target_category:
       continue
     objects = tuple(objects)
-    expressions = [text for text, kind in _unique_descriptions(objects, 0, size)
-                   if kind == expression_type]
-    if not expressions:
+    texts = [text for text, kind in expressions.unique_descriptions(objects, 0, size)
+             if kind == expression_type]
+    if not texts:
       continue
     pixels = np.asarray(image, np.float32) + rng.normal(0, 4, (size, size, 3))
     return Scene(image=np.clip(pixels, 0, 255).astype(np.uint8), objects=objects,
-                 target=0, expression=str(rng.choice(expressions)),
+                 target=0, expression=str(rng.choice(texts)),
                  expression_type=expression_type)
   raise RuntimeError(f"No describable scene in {max_tries} tries at size {size}; use a "
                      "larger --image_size (>= 64).")
-
-
-def _write_scene(job: tuple[Path, str, int, int, int, int]) -> dict:
-  """Draws scene i of a split, saves its JPEG; returns its image, annotation and ref."""
-  root, split, i, ident, image_size, seed = job
-  scene = make_scene(np.random.default_rng([seed, SPLIT_SEED[split], i]), image_size)
-  target = scene.objects[scene.target]
-  file_name = f"{ident:05d}.jpg"
-  Image.fromarray(scene.image).save(root / layouts.RRSISD_IMAGES / file_name, quality=90)
-  category_id = layouts.RRSISD_CATEGORIES.index(target.category)
-  x0, y0, x1, y1 = target.box
-  return {
-      "image": {"id": ident, "file_name": file_name, "height": image_size,
-                "width": image_size},
-      "annotation": {"id": ident, "image_id": ident, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                     "segmentation": [layouts.encode_rle(target.mask)],
-                     "area": target.area, "categories_id": category_id, "iscrowd": 0},
-      "ref": {"image_id": ident, "split": split, "file_name": file_name,
-              "category_id": category_id, "ann_id": ident, "ref_id": ident,
-              "sent_ids": [ident],
-              "sentences": [{"tokens": scene.expression.split(), "raw": scene.expression,
-                             "sent_id": ident, "sent": scene.expression,
-                             "type": scene.expression_type}]},
-  }
-
-
-def write_rrsis_layout(root: str | Path, *, num_train: int, num_val: int, num_test: int,
-                       image_size: int, seed: int, progress: bool = True,
-                       workers: int | None = None) -> Path:
-  """Writes JPEGImages/NNNNN.jpg, instances.json and refs(unc).p under `root`, one ref
-  (and sentence) per image, ids 1, 2, ... in train, val, test order. Each sentence also
-  records its "type" (EXPRESSION_TYPES), which RRSIS-D readers ignore. refs(unc).p is
-  written last, so its presence marks a complete layout.
-
-  Scenes are drawn in `workers` processes (default: one per CPU core this process may
-  use; 1: in this process).
-  Every scene has its own seed, so the files do not depend on the number of workers.
-  """
-  root = Path(root)
-  (root / layouts.RRSISD_IMAGES).mkdir(parents=True, exist_ok=True)
-  counts = {"train": num_train, "val": num_val, "test": num_test}
-  jobs = [(root, split, i, ident, image_size, seed) for ident, (split, i) in enumerate(
-      ((split, i) for split, n in counts.items() for i in range(n)), start=1)]
-  workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(jobs) // 64))
-  bar = lambda items: tqdm.tqdm(items, total=len(jobs), desc="synthetic scenes",
-                                disable=not progress)
-  if workers > 1:
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      written = list(bar(pool.imap(_write_scene, jobs, chunksize=32)))
-  else:
-    written = list(bar(map(_write_scene, jobs)))
-  categories = [{"id": i, "name": name} for i, name in enumerate(layouts.RRSISD_CATEGORIES)]
-  (root / layouts.RRSISD_INSTANCES).write_text(json.dumps(
-      {"images": [w["image"] for w in written],
-       "annotations": [w["annotation"] for w in written], "categories": categories}))
-  with open(root / layouts.RRSISD_REFS, "wb") as f:
-    pickle.dump([w["ref"] for w in written], f, protocol=2)
-  return root

@@ -1,7 +1,7 @@
 r"""Parameter table of an S4ECA config: frozen encoders, adapters, decoder, per module.
 
-    python -m s4eca_jax.params --config configs/rrsisd.py
-    python -m s4eca_jax.params --config configs/rrsisd.py:variant=tiny \
+    python -m s4eca_jax.param_table --config configs/rrsisd.py
+    python -m s4eca_jax.param_table --config configs/rrsisd.py:variant=tiny \
         --config.model.visual_adapter.width=64
 
 Shapes come from jax.eval_shape of the model's init: nothing is allocated or downloaded.
@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import collections
 import re
-import sys
 
-from absl import app
 from absl import flags
-import flax
-import jax
-import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
-from s4eca_jax import partition
+from s4eca_jax import cli, partition
 from s4eca_jax.models import s4eca
 
 # Which part of the model a parameter belongs to (first match wins).
@@ -35,18 +29,10 @@ GROUPS = (
 _VISUAL_ADAPTER = r"image_encoder/block_\d+/adapter/.*"
 
 
-def abstract_params(config: ml_collections.ConfigDict):
-  """The model's parameter tree as jax.ShapeDtypeStruct leaves."""
-  model = s4eca.build_model(config)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), *s4eca.example_inputs(config)))
-  return variables["params"]
-
-
 def group_of(path: str) -> str:
   group = next((name for name, pattern in GROUPS if re.fullmatch(pattern, path)), None)
   if group is None:
-    raise ValueError(f"Parameter {path} belongs to no group of s4eca_jax.params.GROUPS.")
+    raise ValueError(f"Parameter {path} belongs to no group of s4eca_jax.param_table.GROUPS.")
   return group
 
 
@@ -54,7 +40,7 @@ def summary(params) -> dict[str, int]:
   """Parameter counts: {"encoders", "adapters", "decoder", "total"}."""
   counts = collections.Counter()
   for path, leaf in partition.flatten(params).items():
-    counts[group_of(path)] += int(np.prod(leaf.shape))
+    counts[group_of(path)] += partition.count_params(leaf)
   counts["total"] = sum(counts.values())
   return dict(counts)
 
@@ -78,7 +64,7 @@ def table(params, rules) -> str:
   for path, leaf in partition.flatten(params).items():
     name, instance = _row_key(path)
     row = rows[(group_of(path), name)]
-    row[0] += int(np.prod(leaf.shape))
+    row[0] += partition.count_params(leaf)
     row[1].add(instance)
     row[2].add("train" if mask[path] else "frozen")
   counts = summary(params)
@@ -89,8 +75,8 @@ def table(params, rules) -> str:
       if row_group == group:
         label = f"  {name}" + (f" (x{len(instances)})" if len(instances) > 1 else "")
         lines.append(f"{label:<52}{count:>14,}  {'/'.join(sorted(train))}")
-  trainable = sum(int(np.prod(leaf.shape)) for path, leaf in partition.flatten(params).items()
-                  if mask[path])
+  trainable = partition.count_params(
+      [leaf for path, leaf in partition.flatten(params).items() if mask[path]])
   lines += [
       "",
       f"{'encoder params (frozen)':<52}{counts['encoders']:>14,}",
@@ -103,25 +89,22 @@ def table(params, rules) -> str:
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/rrsisd.py or configs/rrsisd.py:variant=tiny; "
-    "fields can be overridden with --config.<field>=<value>.", lock_config=True)
+FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/rrsisd.py")
-  params = abstract_params(config)
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  cli.define_config()
+
+
+def main(argv) -> None:
+  del argv
+  params = s4eca.abstract_params(FLAGS.config)
   filename = config_flags.get_config_filename(flags.FLAGS["config"])
   print(f"S4ECA parameters for {filename} (shapes from jax.eval_shape, nothing loaded)\n")
-  print(table(params, config.trainable))
+  print(table(params, FLAGS.config.trainable))
 
 
 if __name__ == "__main__":
-  if {"-h", "--help"} & set(sys.argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True)  # absl itself exits 1 after --help
-  else:
-    app.run(main)
+  define_flags()
+  cli.run(main)

@@ -1,11 +1,13 @@
-"""Pictures of the language-guided selection inside the visual adapters, for one example.
+"""All of the project's drawing: overlay grids of evaluations, training curves, the
+adapters' selection maps, and prediction outputs (mask PNG + overlay). PIL only.
 
-Each visual adapter sows `spatial_maps` (B, h, w, K), one sigmoid map per scale branch,
-and `scale_weights` (B, K, r), a softmax over the K branches per channel (see
-models/adapters.py). `adapter_selections` runs the model and collects them;
-`selection_png` draws the image, truth and prediction, then one row per adapter: the K
-spatial maps over the image (colour: low -> high within the map) and the scale weights
-averaged over channels as bars.
+Overlay grids show, per example, the image, the ground truth and the prediction over the
+image, with the expression written below. Each visual adapter sows `spatial_maps`
+(B, h, w, K), one sigmoid map per scale branch, and `scale_weights` (B, K, r), a softmax
+over the K branches per channel (see models/adapters.py); `adapter_selections` runs the
+model and collects them, and `selection_png` draws the image, truth and prediction, then
+one row per adapter: the K spatial maps over the image (colour: low -> high within the
+map) and the scale weights averaged over channels as bars.
 """
 
 from __future__ import annotations
@@ -18,7 +20,104 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from s4eca_jax import logs
+
+def to_uint8_image(image: np.ndarray, mean=None, std=None) -> np.ndarray:
+  """A normalised (H, W, 3) float image back to uint8 for display."""
+  image = np.asarray(image, np.float32)
+  if mean is not None:
+    image = image * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 40, 40), alpha=0.5) -> np.ndarray:
+  """Tints `mask` pixels of a uint8 (H, W, 3) image and outlines the region."""
+  out = image.astype(np.float32).copy()
+  mask = np.asarray(mask) > 0
+  out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
+  edge = mask ^ _erode(mask)
+  out[edge] = color
+  return out.astype(np.uint8)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+  padded = np.pad(mask, 1, constant_values=False)
+  return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+          & padded[1:-1, :-2] & padded[1:-1, 2:])
+
+
+def overlay_grid(images: np.ndarray, gt_masks: np.ndarray, pred_masks: np.ndarray,
+                 expressions: list[str], path: str | Path, *, ious=None,
+                 tile: int = 192) -> Path:
+  """Writes a PNG: one row per example (image | truth | prediction) and its expression.
+
+  images: uint8 (B, H, W, 3); masks: (B, H, W) bool/0-1.
+  """
+  font = ImageFont.load_default()
+  text_height = 30
+  rows = len(images)
+  canvas = Image.new("RGB", (3 * tile, rows * (tile + text_height)), "white")
+  draw = ImageDraw.Draw(canvas)
+  for row in range(rows):
+    image = np.asarray(images[row])
+    panels = [image, overlay(image, gt_masks[row], (40, 220, 40)),
+              overlay(image, pred_masks[row], (255, 40, 40))]
+    top = row * (tile + text_height)
+    for col, panel in enumerate(panels):
+      canvas.paste(Image.fromarray(panel).resize((tile, tile), Image.NEAREST), (col * tile, top))
+    caption = expressions[row]
+    if ious is not None:
+      caption = f"{caption}   [IoU {float(ious[row]):.2f}]"
+    for i, line in enumerate(textwrap.wrap(caption, width=3 * tile // 6)[:2]):
+      draw.text((4, top + tile + 2 + 13 * i), line, fill="black", font=font)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)
+  return path
+
+
+def curve_png(steps, values, path: str | Path, *, title: str, size=(480, 300)) -> Path:
+  """A minimal line plot (no matplotlib): values against steps, log scale if positive."""
+  width, height = size
+  canvas = Image.new("RGB", size, "white")
+  draw = ImageDraw.Draw(canvas)
+  draw.text((8, 4), title, fill="black", font=ImageFont.load_default())
+  steps = np.asarray(steps, np.float64)
+  values = np.asarray(values, np.float64)
+  if len(values) >= 2:
+    log = bool((values > 0).all())
+    ys = np.log10(values) if log else values
+    lo, hi = float(ys.min()), float(ys.max())
+    hi = hi if hi > lo else lo + 1.0
+    left, right, top, bottom = 50, width - 10, 24, height - 24
+    xs = left + (steps - steps.min()) / max(steps.max() - steps.min(), 1.0) * (right - left)
+    yy = bottom - (ys - lo) / (hi - lo) * (bottom - top)
+    draw.rectangle([left, top, right, bottom], outline="gray")
+    draw.line(list(zip(xs.tolist(), yy.tolist())), fill=(30, 80, 200), width=2)
+    label = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
+    draw.text((2, top), label(hi), fill="black")
+    draw.text((2, bottom - 10), label(lo), fill="black")
+    draw.text((left, bottom + 4), f"step {int(steps.min())}", fill="black")
+    draw.text((right - 60, bottom + 4), f"step {int(steps.max())}", fill="black")
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)
+  return path
+
+
+def prediction_outputs(image: np.ndarray, mask: np.ndarray, expression: str, out: Path) -> Path:
+  """Writes the mask PNG at `out` and the overlay beside it; returns the overlay path."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(mask.astype(np.uint8) * 255).save(out)
+  tinted = Image.fromarray(overlay(image, mask))
+  caption_height = 28
+  canvas = Image.new("RGB", (tinted.width, tinted.height + caption_height), "white")
+  canvas.paste(tinted, (0, 0))
+  ImageDraw.Draw(canvas).text((4, tinted.height + 6), expression, fill="black",
+                              font=ImageFont.load_default())
+  overlay_path = out.with_name(out.stem + "_overlay.png")
+  canvas.save(overlay_path)
+  return overlay_path
+
 
 # A perceptually ordered ramp (dark blue -> teal -> yellow), interpolated linearly.
 _RAMP = np.array([(48, 18, 90), (40, 90, 150), (30, 150, 140), (120, 200, 80),
@@ -115,8 +214,8 @@ def selection_png(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
     draw.text((col * tile + 4, top + tile + 3), text, fill="black", font=font)
 
   paste(Image.fromarray(image), 0, 0, "image")
-  paste(Image.fromarray(logs.overlay(image, truth, (40, 220, 40))), 0, 1, "truth")
-  paste(Image.fromarray(logs.overlay(image, prediction, (255, 40, 40))), 0, 2, "prediction")
+  paste(Image.fromarray(overlay(image, truth, (40, 220, 40))), 0, 1, "truth")
+  paste(Image.fromarray(overlay(image, prediction, (255, 40, 40))), 0, 2, "prediction")
   canvas.paste(_legend_panel(tile, font), (3 * tile, header))
   for row, (name, selected) in enumerate(selections.items(), start=1):
     maps = selected["spatial_maps"]  # (h, w, K)

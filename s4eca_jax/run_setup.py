@@ -1,0 +1,282 @@
+"""The run set-up that train, evaluate, predict, export, demo, bench and the tests share.
+
+    config = run_setup.config_from_file("configs/rrsisd.py:variant=tiny")  # by path
+    mesh = sharding.make_mesh(config.mesh)
+    setup = run_setup.build(config, mesh, total_steps)   # model, params sharded, split
+    state, data_state = setup.restore(ckpt, step)         # into the run's shapes/shardings
+
+Config I/O (a workdir's `config.json`; `~` and environment variables expanded in path
+fields), the model with its parameters created already sharded and the frozen encoders
+loaded, the trainable/frozen split, the optimizer state, the jitted train step (the
+trainer's, also compiled by benchmarks), restoring a checkpoint into the run's shapes and
+shardings, the tokenizer of a config, and the per-process batch size.
+Nothing here imports a command module: they all sit on top of this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from s4eca_jax import checkpoint, losses, optimizer, partition, sharding, text_tokenizer
+from s4eca_jax.models import s4eca
+
+# Config fields that hold paths: `~` and $VARIABLES are expanded when a config is loaded.
+PATH_FIELDS = ("data_dir", "tokenizer", "init_from", "image_encoder.checkpoint",
+               "text_encoder.checkpoint")
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+
+
+def expand_path(path: str | os.PathLike | None) -> str | None:
+  if path is None:
+    return None
+  return os.path.expandvars(os.path.expanduser(os.fspath(path)))
+
+
+def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`~` and $VARIABLES expanded in the PATH_FIELDS that the config has (in place)."""
+  with config.unlocked():
+    for field in PATH_FIELDS:
+      *parents, name = field.split(".")
+      node = config
+      for parent in parents:
+        node = node.get(parent)
+        if node is None:
+          break
+      if node is not None and name in node and isinstance(node[name], str):
+        node[name] = expand_path(node[name])
+  return config
+
+
+def config_from_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file in "path/to/file.py[:arg]", loaded by path.
+
+  The same loading as the commands' --config flag: any working directory, nothing of the
+  repository on sys.path.
+  """
+  path, _, arg = os.fspath(spec).partition(":")
+  path = Path(expand_path(path))
+  if not path.is_file():
+    raise FileNotFoundError(f"Config file {path} does not exist.")
+  module_spec = importlib.util.spec_from_file_location(f"_s4eca_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  return expand_paths(config)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+  if jax.process_index() == 0:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json(indent=1))
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  path = Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run "
+                            "(python -m s4eca_jax.train --workdir ...)?")
+  return expand_paths(ml_collections.ConfigDict(json.loads(path.read_text())))
+
+
+def tokenizer_folder(config: ml_collections.ConfigDict) -> str:
+  folder = config.get("tokenizer") or config.text_encoder.checkpoint
+  if not folder:
+    raise ValueError("No tokenizer: set config.tokenizer (a folder with tokenizer.json or "
+                     "vocab files) or config.text_encoder.checkpoint.")
+  return folder
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> text_tokenizer.TextTokenizer:
+  return text_tokenizer.load_tokenizer(tokenizer_folder(config), config.max_length)
+
+
+def per_process_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
+  if global_batch < 1:
+    raise ValueError(f"batch size {global_batch}: must be at least 1.")
+  if global_batch % mesh.size:
+    raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices "
+                     f"of the mesh {dict(mesh.shape)}; change config.batch_size.")
+  return global_batch // jax.process_count()
+
+
+def best_metric(config: ml_collections.ConfigDict) -> str:
+  """The metric that picks the best checkpoint: oIoU on the split evaluated in training."""
+  return f"{config.get('eval_split', 'val')}/oIoU"
+
+
+# --------------------------------------------------------------------------------------
+# Model, parameters and their shardings
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the step functions close over and what the loop carries."""
+
+  model: s4eca.S4ECA
+  mesh: jax.sharding.Mesh
+  frozen: Any  # frozen encoder params (sharded), passed to the steps as an argument
+  state: dict  # {"params": trainable, "opt_state", "step", "rng"}
+  state_shardings: Any
+  frozen_shardings: Any
+  tx: optax.GradientTransformation | None
+  schedule: Callable[[int], Any] | None
+
+  def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> tuple[dict, Any]:
+    """(state, data iterator state) of checkpoint `step`, placed like `self.state`."""
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.state_shardings)
+    return ckpt.restore(step, abstract)
+
+  # What evaluators and predictors take: params {"trainable", "frozen"} and a function.
+  def eval_params(self, trainable: Any) -> dict:
+    return {"trainable": trainable, "frozen": self.frozen}
+
+  def eval_param_shardings(self) -> dict:
+    return {"trainable": self.state_shardings["params"], "frozen": self.frozen_shardings}
+
+  def predict_fn(self) -> Callable[[dict, dict], jax.Array]:
+    """(params {"trainable", "frozen"}, batch) -> float32 logits (B, S, S)."""
+    model = self.model
+
+    def predict(params, batch):
+      merged = partition.merge(params["trainable"], params["frozen"])
+      return model.apply({"params": merged}, batch["image"], batch["input_ids"],
+                         batch["attention_mask"])["logits"].astype(jnp.float32)
+    return predict
+
+
+def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
+                  mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """Initialised params created already sharded, frozen encoders loaded. -> (params, shardings)."""
+  inputs = s4eca.example_inputs(config)
+  init = lambda rng: model.init(rng, *inputs)["params"]
+  shardings = sharding.param_shardings(s4eca.abstract_params(config, model), mesh,
+                                       config.get("fsdp_min_size", 2**18))
+  params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  params, reports = s4eca.load_encoder_weights(model, config, params)
+  for line in reports:
+    log(f"  {line}")
+  return jax.device_put(params, shardings), shardings
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+          total_steps: int | None) -> Setup:
+  """Model, frozen/trainable split and (when total_steps is given) optimizer state."""
+  model = s4eca.build_model(config)
+  params, shardings = create_params(config, model, mesh)
+  mask = partition.trainable_mask(params, config.trainable)
+  log(partition.describe(params, config.trainable))
+  trainable, frozen = partition.split(params, mask)
+  trainable_shardings, frozen_shardings = partition.split(shardings, mask)
+  tx = schedule = None
+  state = {"params": trainable, "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.PRNGKey(config.seed)}
+  state_shardings = {"params": trainable_shardings, "step": sharding.replicated(mesh),
+                     "rng": sharding.replicated(mesh)}
+  if total_steps is not None:
+    tx, schedule = optimizer.make_optimizer(config.optimizer, total_steps)
+    opt_abstract = jax.eval_shape(tx.init, trainable)
+    # Optimizer moments are sharded like the params they follow.
+    opt_shardings = sharding.param_shardings(opt_abstract, mesh,
+                                             config.get("fsdp_min_size", 2**18))
+    state["opt_state"] = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+    state_shardings["opt_state"] = opt_shardings
+  state = jax.device_put(state, state_shardings)
+  return Setup(model, mesh, frozen, state, state_shardings, frozen_shardings, tx, schedule)
+
+
+# --------------------------------------------------------------------------------------
+# Step functions
+# --------------------------------------------------------------------------------------
+
+
+def make_train_step(setup: Setup, config: ml_collections.ConfigDict):
+  """jit(train_step)(state, frozen, batch) -> (state, metrics); state is donated."""
+  model, tx, schedule = setup.model, setup.tx, setup.schedule
+
+  def train_step(state, frozen, batch):
+    def loss_fn(trainable):
+      params = partition.merge(trainable, frozen)
+      out = model.apply({"params": params}, batch["image"], batch["input_ids"],
+                        batch["attention_mask"])
+      return losses.segmentation_loss(out["logits"], batch["mask"], None, **config.loss)
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {"params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": jax.random.fold_in(state["rng"], state["step"])}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state["step"]), **parts}
+    return new_state, metrics
+
+  data = sharding.batch_sharding(setup.mesh)
+  return jax.jit(train_step,
+                 in_shardings=(setup.state_shardings, setup.frozen_shardings, data),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------
+# A trained run: its config, set-up and a checkpoint's trainable params
+# --------------------------------------------------------------------------------------
+
+
+def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None):
+  """(config, setup) of a trained workdir, config fields overridden where not None."""
+  config = load_config(workdir)
+  with config.unlocked():
+    for key, value in (overrides or {}).items():
+      if value is not None:
+        config[key] = value
+  mesh = sharding.make_mesh(config.mesh)
+  return config, build(config, mesh, total_steps=1)
+
+
+def restore_trainable(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path,
+                      which: str) -> tuple[Any, int]:
+  """Trainable params of the `which` ("best", "latest" or a step) checkpoint in workdir."""
+  ckpt = checkpoint.Checkpointer(workdir, best_metric=best_metric(config))
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first "
+                              "(python -m s4eca_jax.train --workdir ...).")
+    if which == "best":
+      step = ckpt.best_step() or ckpt.latest_step()
+    elif which == "latest":
+      step = ckpt.latest_step()
+    else:
+      try:
+        step = int(which)
+      except ValueError:
+        raise ValueError(f"--checkpoint={which!r}: use best, latest or a step number "
+                         f"(available: {sorted(steps)}).") from None
+      if step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
+                                f"available: {sorted(steps)}.")
+    state, _ = setup.restore(ckpt, step)
+  finally:
+    ckpt.close()
+  return state["params"], step
