@@ -22,7 +22,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -35,54 +35,71 @@ from s4eca_jax.models import layers, text, vit
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
-# (regex on our "/"-joined path, HF names relative to the tower prefix). Named groups:
-# k = our 1-based block (HF index = k - 1), leaf = Flax leaf name, others copied verbatim.
+class Rule(NamedTuple):
+  """One rename: our "/"-joined path (regex) -> HF names relative to the tower prefix.
+
+  Named groups: k = our 1-based block (HF index i = k - 1), leaf = Flax leaf name, others
+  copied verbatim. The first name is what transformers 5 writes (and what export writes);
+  later ones are older spellings the loader also reads. A name starting with ^ lies outside
+  the tower prefix. squeeze: HF stores the tensor without our leading unit axes.
+  """
+
+  pattern: str
+  names: list[str]
+  squeeze: bool = False
+
+
 _DINOV2 = [
-    (r"patch_embed/(?P<leaf>kernel|bias)", ["embeddings.patch_embeddings.projection.{leaf}"]),
-    (r"cls_token", ["embeddings.cls_token"]),
-    (r"pos_embedding", ["embeddings.position_embeddings"]),
-    (r"register_tokens", ["embeddings.register_tokens"]),
-    (r"block_(?P<k>\d+)/(?P<n>norm1|norm2)/(?P<leaf>\w+)", ["encoder.layer.{i}.{n}.{leaf}"]),
-    (r"block_(?P<k>\d+)/attn/(?P<p>query|key|value)/(?P<leaf>\w+)",
-     ["encoder.layer.{i}.attention.{p_proj}.{leaf}", "encoder.layer.{i}.attention.attention.{p}.{leaf}"]),
-    (r"block_(?P<k>\d+)/attn/out/(?P<leaf>\w+)",
-     ["encoder.layer.{i}.attention.o_proj.{leaf}", "encoder.layer.{i}.attention.output.dense.{leaf}"]),
-    (r"block_(?P<k>\d+)/ls(?P<j>[12])/lambda1", ["encoder.layer.{i}.layer_scale{j}.lambda1"]),
-    (r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)", ["encoder.layer.{i}.mlp.{fc}.{leaf}"]),
-    (r"final_norm/(?P<leaf>\w+)", ["layernorm.{leaf}"]),
+    Rule(r"patch_embed/(?P<leaf>kernel|bias)", ["embeddings.patch_embeddings.projection.{leaf}"]),
+    Rule(r"cls_token", ["embeddings.cls_token"]),
+    Rule(r"pos_embedding", ["embeddings.position_embeddings"]),
+    Rule(r"register_tokens", ["embeddings.register_tokens"]),
+    Rule(r"block_(?P<k>\d+)/(?P<n>norm1|norm2)/(?P<leaf>\w+)", ["encoder.layer.{i}.{n}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/attn/(?P<p>query|key|value)/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.attention.{p_proj}.{leaf}",
+          "encoder.layer.{i}.attention.attention.{p}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/attn/out/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.attention.o_proj.{leaf}",
+          "encoder.layer.{i}.attention.output.dense.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/ls(?P<j>[12])/lambda1", ["encoder.layer.{i}.layer_scale{j}.lambda1"]),
+    Rule(r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)", ["encoder.layer.{i}.mlp.{fc}.{leaf}"]),
+    Rule(r"final_norm/(?P<leaf>\w+)", ["layernorm.{leaf}"]),
 ]
 _CLIP_BLOCKS = [
-    (r"block_(?P<k>\d+)/norm(?P<j>[12])/(?P<leaf>\w+)", ["encoder.layers.{i}.layer_norm{j}.{leaf}"]),
-    (r"block_(?P<k>\d+)/attn/(?P<p>query|key|value|out)/(?P<leaf>\w+)",
-     ["encoder.layers.{i}.self_attn.{p_clip}.{leaf}"]),
-    (r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)", ["encoder.layers.{i}.mlp.{fc}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/norm(?P<j>[12])/(?P<leaf>\w+)",
+         ["encoder.layers.{i}.layer_norm{j}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/attn/(?P<p>query|key|value|out)/(?P<leaf>\w+)",
+         ["encoder.layers.{i}.self_attn.{p_clip}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)", ["encoder.layers.{i}.mlp.{fc}.{leaf}"]),
 ]
 _CLIP_VISION = [
-    (r"patch_embed/kernel", ["embeddings.patch_embedding.weight"]),
-    (r"cls_token", ["embeddings.class_embedding"]),
-    (r"pos_embedding", ["embeddings.position_embedding.weight"]),
-    (r"pre_norm/(?P<leaf>\w+)", ["pre_layrnorm.{leaf}"]),
-    (r"final_norm/(?P<leaf>\w+)", ["post_layernorm.{leaf}"]),
+    Rule(r"patch_embed/kernel", ["embeddings.patch_embedding.weight"]),
+    Rule(r"cls_token", ["embeddings.class_embedding"], squeeze=True),
+    Rule(r"pos_embedding", ["embeddings.position_embedding.weight"], squeeze=True),
+    Rule(r"pre_norm/(?P<leaf>\w+)", ["pre_layrnorm.{leaf}"]),
+    Rule(r"final_norm/(?P<leaf>\w+)", ["post_layernorm.{leaf}"]),
 ] + _CLIP_BLOCKS
 _CLIP_TEXT = [
-    (r"token_embedding/embedding", ["embeddings.token_embedding.weight"]),
-    (r"pos_embedding", ["embeddings.position_embedding.weight"]),
-    (r"final_norm/(?P<leaf>\w+)", ["final_layer_norm.{leaf}"]),
-    (r"text_projection/kernel", ["^text_projection.weight"]),  # ^: outside the tower prefix
+    Rule(r"token_embedding/embedding", ["embeddings.token_embedding.weight"]),
+    Rule(r"pos_embedding", ["embeddings.position_embedding.weight"]),
+    Rule(r"final_norm/(?P<leaf>\w+)", ["final_layer_norm.{leaf}"]),
+    Rule(r"text_projection/kernel", ["^text_projection.weight"]),
 ] + _CLIP_BLOCKS
 _BERT = [
-    (r"word_embedding/embedding", ["embeddings.word_embeddings.weight"]),
-    (r"pos_embedding/embedding", ["embeddings.position_embeddings.weight"]),
-    (r"type_embedding/embedding", ["embeddings.token_type_embeddings.weight"]),
-    (r"embed_norm/(?P<leaf>\w+)", ["embeddings.LayerNorm.{leaf}"]),
-    (r"block_(?P<k>\d+)/attn/(?P<p>query|key|value)/(?P<leaf>\w+)",
-     ["encoder.layer.{i}.attention.self.{p}.{leaf}"]),
-    (r"block_(?P<k>\d+)/attn/out/(?P<leaf>\w+)", ["encoder.layer.{i}.attention.output.dense.{leaf}"]),
-    (r"block_(?P<k>\d+)/norm1/(?P<leaf>\w+)", ["encoder.layer.{i}.attention.output.LayerNorm.{leaf}"]),
-    (r"block_(?P<k>\d+)/mlp/fc1/(?P<leaf>\w+)", ["encoder.layer.{i}.intermediate.dense.{leaf}"]),
-    (r"block_(?P<k>\d+)/mlp/fc2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.dense.{leaf}"]),
-    (r"block_(?P<k>\d+)/norm2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.LayerNorm.{leaf}"]),
-    (r"pooler/(?P<leaf>\w+)", ["pooler.dense.{leaf}"]),
+    Rule(r"word_embedding/embedding", ["embeddings.word_embeddings.weight"]),
+    Rule(r"pos_embedding/embedding", ["embeddings.position_embeddings.weight"]),
+    Rule(r"type_embedding/embedding", ["embeddings.token_type_embeddings.weight"]),
+    Rule(r"embed_norm/(?P<leaf>\w+)", ["embeddings.LayerNorm.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/attn/(?P<p>query|key|value)/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.attention.self.{p}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/attn/out/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.attention.output.dense.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/norm1/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.attention.output.LayerNorm.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/mlp/fc1/(?P<leaf>\w+)", ["encoder.layer.{i}.intermediate.dense.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/mlp/fc2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.dense.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/norm2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.LayerNorm.{leaf}"]),
+    Rule(r"pooler/(?P<leaf>\w+)", ["pooler.dense.{leaf}"]),
 ]
 
 
@@ -93,13 +110,18 @@ class Kind:
   name: str
   prefixes: tuple[str, ...]  # tried in order; the first with `signature` present wins
   signature: str  # a tensor every checkpoint of this kind has (relative to the prefix)
-  rules: list
+  rules: list[Rule]
   ignore: str  # regex (full key) of tensors that are not ours to load
+  # HF tensors our module has no counterpart for, written on export so that HF loads the
+  # folder strictly: name (relative to prefixes[0]) -> zero tensor of that shape.
+  placeholders: Callable[[nn.Module], dict[str, tuple[int, ...]]] = lambda module: {}
 
 
 KINDS = {
     "dinov2": Kind("dinov2", ("", "dinov2."), "embeddings.cls_token", _DINOV2,
-                   r"(dinov2\.)?embeddings\.mask_token|classifier\..*"),
+                   r"(dinov2\.)?embeddings\.mask_token|classifier\..*",
+                   # Only used for masked-image pretraining; HF initialises it to zeros.
+                   lambda module: {"embeddings.mask_token": (1, module.width)}),
     "clip_vision": Kind("clip_vision", ("vision_model.", ""), "embeddings.class_embedding",
                         _CLIP_VISION,
                         r"text_model\..*|.*position_ids|logit_scale|visual_projection\..*|text_projection\..*"),
@@ -113,9 +135,10 @@ KINDS = {
 _PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "out_proj"}
 
 
-def _hf_names(kind: Kind, prefix: str, path: str) -> list[str] | None:
-  for pattern, templates in kind.rules:
-    match = re.fullmatch(pattern, path)
+def _match(kind: Kind, prefix: str, path: str) -> tuple[list[str], Rule] | None:
+  """(HF names, rule) of our parameter `path`; None when no rule covers it (adapters)."""
+  for rule in kind.rules:
+    match = re.fullmatch(rule.pattern, path)
     if match is None:
       continue
     groups = match.groupdict()
@@ -127,36 +150,68 @@ def _hf_names(kind: Kind, prefix: str, path: str) -> list[str] | None:
     if "p" in groups:
       fields["p_proj"] = _PROJ[groups["p"]].replace("out_proj", "o_proj")
       fields["p_clip"] = _PROJ[groups["p"]]
-    return [t[1:].format(**fields) if t.startswith("^") else prefix + t.format(**fields)
-            for t in templates]
+    names = [t[1:].format(**fields) if t.startswith("^") else prefix + t.format(**fields)
+             for t in rule.names]
+    return names, rule
   return None
 
 
-def _to_flax(path: str, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def to_flax_layout(path: str, tensor: np.ndarray, shape: tuple[int, ...],
+                   squeeze: bool = False) -> np.ndarray:
+  """A PyTorch-layout tensor -> our leaf at `path`: Linear (out, in) -> Dense (in, out),
+  Conv OIHW -> HWIO; `squeeze` tensors get our leading unit axes back."""
   leaf = path.rsplit("/", 1)[-1]
   if leaf == "kernel" and tensor.ndim == 2:
-    tensor = tensor.T  # Linear (out, in) -> Dense (in, out)
+    tensor = tensor.T
   elif leaf == "kernel" and tensor.ndim == 4:
-    tensor = tensor.transpose(2, 3, 1, 0)  # Conv OIHW -> HWIO
-  if tensor.shape != tuple(shape) and tensor.size == int(np.prod(shape)) and (
-      tuple(d for d in tensor.shape if d != 1) == tuple(d for d in shape if d != 1)):
+    tensor = tensor.transpose(2, 3, 1, 0)
+  if squeeze and tensor.size == int(np.prod(shape)):
     tensor = tensor.reshape(shape)  # e.g. CLIP class_embedding (D,) -> (1, 1, D)
   return tensor
 
 
-def read_checkpoint(folder: str | Path) -> dict[str, np.ndarray]:
-  """All tensors of a HF folder as float32/int numpy arrays."""
-  folder = Path(folder)
-  files = sorted(folder.glob("*.safetensors"))
-  tensors: dict[str, np.ndarray] = {}
-  if files:
+def to_torch_layout(path: str, value: np.ndarray, squeeze: bool = False) -> np.ndarray:
+  """The inverse of `to_flax_layout`, C-contiguous (safetensors writes raw buffers)."""
+  leaf = path.rsplit("/", 1)[-1]
+  value = np.asarray(value)
+  if leaf == "kernel" and value.ndim == 2:
+    value = value.T
+  elif leaf == "kernel" and value.ndim == 4:
+    value = value.transpose(3, 2, 0, 1)
+  if squeeze:
+    while value.ndim > 1 and value.shape[0] == 1:
+      value = value[0]
+  return np.ascontiguousarray(value)
+
+
+def read_tensor_file(file: str | Path) -> dict[str, np.ndarray]:
+  """All tensors of one .safetensors or .npz file; a file that cannot be parsed is named."""
+  file = Path(file)
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} does not exist.")
+  try:
+    if file.suffix == ".npz":
+      with np.load(file, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
+    # "pt" would need torch; "np" cannot hold bfloat16, which ml_dtypes provides via flax.
+    with safe_open(str(file), framework="flax") as f:
+      return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+  except Exception as error:  # pylint: disable=broad-except  # SafetensorError, zip errors
+    raise CheckpointMismatchError(
+        f"{file} could not be read ({type(error).__name__}: {error}): the file is truncated, "
+        "corrupted or not a safetensors/npz file. Export or download it again.") from None
+
+
+def read_checkpoint(folder: str | Path) -> dict[str, np.ndarray]:
+  """All tensors of a HF folder (*.safetensors, model.npz or pytorch_model*.bin)."""
+  folder = Path(folder)
+  files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("model.npz"))
+  tensors: dict[str, np.ndarray] = {}
+  if files:
     for file in files:
-      # "pt" would need torch; "np" cannot hold bfloat16, which ml_dtypes provides via flax.
-      with safe_open(str(file), framework="flax") as f:
-        for key in f.keys():
-          tensors[key] = np.asarray(f.get_tensor(key))
+      tensors.update(read_tensor_file(file))
     return tensors
   bins = sorted(folder.glob("pytorch_model*.bin"))
   if bins:
@@ -235,8 +290,8 @@ def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any
 
   out, used, missing, mis_shaped, loaded, kept = {}, set(), [], [], [], []
   for path, leaf in target.items():
-    names = _hf_names(spec, prefix, path)
-    if names is None:
+    matched = _match(spec, prefix, path)
+    if matched is None:
       if params is None:
         raise CheckpointMismatchError(
             f"Parameter {path} has no checkpoint counterpart; pass initialised `params` so "
@@ -244,12 +299,13 @@ def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any
       out[path] = leaf
       kept.append(path)
       continue
+    names, rule = matched
     name = next((n for n in names if n in tensors), None)
     if name is None:
       missing.append(f"{names[0]} (for {path}, shape {tuple(leaf.shape)})")
       continue
     used.add(name)
-    value = _to_flax(path, tensors[name], leaf.shape)
+    value = to_flax_layout(path, tensors[name], leaf.shape, rule.squeeze)
     if value.shape != tuple(leaf.shape):
       mis_shaped.append(f"{name}: checkpoint {tuple(tensors[name].shape)} vs module "
                         f"{tuple(leaf.shape)} (for {path})")
@@ -273,6 +329,35 @@ def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any
         f"({type(module).__name__}): " + "\n".join(problems))
   report = LoadReport(kind, loaded, kept, sorted(ignored))
   return flax.traverse_util.unflatten_dict(out, sep="/"), report
+
+
+def export_name(kind: str, path: str) -> str | None:
+  """The HF name export writes for our encoder leaf `path`; None for adapter leaves."""
+  spec = KINDS[kind]
+  matched = _match(spec, spec.prefixes[0], path)
+  return None if matched is None else matched[0][0]
+
+
+def export_tensors(module: nn.Module, params: Any, kind: str
+                   ) -> tuple[dict[str, tuple[np.ndarray, str | None]], dict[str, Any]]:
+  """Our encoder params -> HF tensors, the loader's rules run backwards.
+
+  Returns ({HF name: (tensor in PyTorch layout, our path or None for a placeholder)},
+  {our path: leaf} of the leaves no rule covers: adapters, for the caller to write).
+  """
+  spec = KINDS[kind]
+  prefix = spec.prefixes[0]
+  tensors, rest = {}, {}
+  for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items():
+    matched = _match(spec, prefix, path)
+    if matched is None:
+      rest[path] = leaf
+      continue
+    names, rule = matched
+    tensors[names[0]] = (to_torch_layout(path, np.asarray(leaf), rule.squeeze), path)
+  for name, shape in spec.placeholders(module).items():
+    tensors[prefix + name] = (np.zeros(shape, np.float32), None)
+  return tensors, rest
 
 
 # --------------------------------------------------------------------------------------
@@ -323,6 +408,47 @@ def module_kwargs(config: dict, kind: str, tensors: dict[str, np.ndarray]) -> di
         type_vocab_size=config["type_vocab_size"], layer_norm_eps=config["layer_norm_eps"],
         act=config.get("hidden_act", "gelu"),
         use_pooler=any(k.endswith("pooler.dense.weight") for k in tensors))
+  raise ValueError(f"Unknown kind {kind!r}; known: {sorted(KINDS)}.")
+
+
+def hf_config(module: nn.Module, kind: str) -> dict:
+  """config.json of a HF folder holding `module` (the inverse of `module_kwargs`)."""
+  m = module
+  if kind in ("dinov2", "clip_vision"):
+    config = dict(hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+                  patch_size=m.patch_size, image_size=m.pretrain_grid * m.patch_size,
+                  num_channels=3, layer_norm_eps=m.layer_norm_eps)
+    if kind == "dinov2":
+      if m.mlp_dim % m.width:
+        raise ValueError(f"DINOv2 configs hold an integer mlp_ratio; mlp_dim={m.mlp_dim} is "
+                         f"not a multiple of width={m.width}.")
+      registers = m.num_registers > 0
+      config.update(
+          model_type="dinov2_with_registers" if registers else "dinov2",
+          architectures=["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+          mlp_ratio=m.mlp_dim // m.width, hidden_act=m.act or "gelu", layerscale_value=1.0,
+          use_swiglu_ffn=False)
+      if registers:
+        config["num_register_tokens"] = m.num_registers
+      return config
+    return dict(config, model_type="clip_vision_model", architectures=["CLIPVisionModel"],
+                intermediate_size=m.mlp_dim, hidden_act=m.act or "quick_gelu")
+  if kind == "clip_text":
+    config = dict(model_type="clip_text_model", vocab_size=m.vocab_size, hidden_size=m.width,
+                  num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+                  intermediate_size=m.mlp_dim, max_position_embeddings=m.max_positions,
+                  eos_token_id=m.eos_token_id, layer_norm_eps=m.layer_norm_eps,
+                  hidden_act=m.act)
+    if m.projection_dim is None:
+      return dict(config, architectures=["CLIPTextModel"])
+    return dict(config, architectures=["CLIPTextModelWithProjection"],
+                projection_dim=m.projection_dim)
+  if kind == "bert":
+    return dict(model_type="bert", architectures=["BertModel"], vocab_size=m.vocab_size,
+                hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+                intermediate_size=m.mlp_dim, max_position_embeddings=m.max_positions,
+                type_vocab_size=m.type_vocab_size, layer_norm_eps=m.layer_norm_eps,
+                hidden_act=m.act, position_embedding_type="absolute")
   raise ValueError(f"Unknown kind {kind!r}; known: {sorted(KINDS)}.")
 
 
