@@ -74,24 +74,6 @@ def _sha256(tensor: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(tensor).tobytes()).hexdigest()
 
 
-def _split_by_file(model, config: ml_collections.ConfigDict, params: Any):
-  """{relative file stem: {name: (tensor, our path or None)}} plus the encoder modules."""
-  files = {}
-  trained = {}
-  for name in ENCODERS:
-    kind = config[name].kind
-    tensors, rest = hf_weights.export_tensors(getattr(model, name), params[name], kind)
-    files[f"{name}/model"] = {n: (t, path and f"{name}/{path}")
-                              for n, (t, path) in tensors.items()}
-    trained.update({f"{name}/{path}": leaf for path, leaf in rest.items()})
-  for top, subtree in params.items():
-    if top not in ENCODERS:
-      trained.update({f"{top}/{path}": leaf for path, leaf in partition.flatten(subtree).items()})
-  files[TRAINED_STEM] = {torch_name(path): (hf_weights.to_torch_layout(path, np.asarray(leaf)),
-                                            path) for path, leaf in trained.items()}
-  return files
-
-
 def _write_tensors(tensors: dict[str, np.ndarray], file: Path, fmt: str) -> None:
   if fmt == "npz":
     np.savez(file, **tensors)
@@ -100,6 +82,19 @@ def _write_tensors(tensors: dict[str, np.ndarray], file: Path, fmt: str) -> None
 
     # transformers' from_pretrained refuses safetensors files without this metadata.
     save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def write_encoder(module, kind: str, params: Any, folder: str | Path,
+                  fmt: str = "safetensors") -> dict[str, tuple[np.ndarray, str | None]]:
+  """One encoder as a HF folder (config.json + model weights); adapter leaves are skipped.
+  Returns the written {name: (tensor, our path or None)}."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors, _ = hf_weights.export_tensors(module, params, kind)
+  _write_tensors({name: t for name, (t, _) in tensors.items()}, folder / f"model{FORMATS[fmt]}",
+                 fmt)
+  (folder / "config.json").write_text(json.dumps(hf_weights.hf_config(module, kind), indent=1))
+  return tensors
 
 
 def export_params(model, config: ml_collections.ConfigDict, params: Any, out: str | Path, *,
@@ -113,33 +108,43 @@ def export_params(model, config: ml_collections.ConfigDict, params: Any, out: st
   if fmt not in FORMATS:
     raise ValueError(f"format={fmt!r}; expected one of {sorted(FORMATS)}.")
   out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(params)
   trainable = partition.flatten(partition.trainable_mask(params, config.trainable))
-  entries, files = [], {}
-  for stem, tensors in _split_by_file(model, config, params).items():
-    file = Path(stem + FORMATS[fmt])
-    (out / file).parent.mkdir(parents=True, exist_ok=True)
-    _write_tensors({name: t for name, (t, _) in tensors.items()}, out / file, fmt)
+  written, files, rest = {}, {}, {}
+  for name in ENCODERS:
+    kind, module = config[name].kind, getattr(model, name)
+    file = f"{name}/model{FORMATS[fmt]}"
+    tensors = write_encoder(module, kind, params[name], out / name, fmt)
+    written[file] = {n: (t, path and f"{name}/{path}") for n, (t, path) in tensors.items()}
+    files[file] = dict(kind=kind, hf_class=hf_weights.hf_config(module, kind)["architectures"][0])
+    if kind == "bert" and not module.use_pooler:
+      files[file]["hf_kwargs"] = {"add_pooling_layer": False}
+    covered = {path for _, path in tensors.values()}
+    rest.update({f"{name}/{path}": leaf for path, leaf in partition.flatten(params[name]).items()
+                 if path not in covered})
+  for top, subtree in params.items():
+    if top not in ENCODERS:
+      rest.update({f"{top}/{path}": leaf for path, leaf in partition.flatten(subtree).items()})
+  file = TRAINED_STEM + FORMATS[fmt]
+  written[file] = {torch_name(path): (hf_weights.to_torch_layout(path, np.asarray(leaf)), path)
+                   for path, leaf in rest.items()}
+  _write_tensors({n: t for n, (t, _) in written[file].items()}, out / file, fmt)
+  files[file] = {}
+
+  entries = []
+  for file, tensors in written.items():
+    files[file]["tensors"] = len(tensors)
     for name, (tensor, path) in tensors.items():
       entries.append(dict(
-          file=str(file), name=name, param=path, shape=list(tensor.shape),
-          dtype=str(tensor.dtype), layout="placeholder (zeros)" if path is None
-          else _layout(path, tensor.ndim), trainable=bool(path and trainable[path]),
-          sha256=_sha256(tensor)))
-    files[str(file)] = {"tensors": len(tensors)}
-  for name in ENCODERS:
-    kind = config[name].kind
-    hf = hf_weights.hf_config(getattr(model, name), kind)
-    (out / name / "config.json").write_text(json.dumps(hf, indent=1))
-    entry = files[f"{name}/model{FORMATS[fmt]}"]
-    entry.update(kind=kind, hf_class=hf["architectures"][0])
-    if kind == "bert" and not getattr(model, name).use_pooler:
-      entry["hf_kwargs"] = {"add_pooling_layer": False}
+          file=file, name=name, param=path, shape=list(tensor.shape), dtype=str(tensor.dtype),
+          layout="placeholder (zeros)" if path is None else _layout(path, tensor.ndim),
+          trainable=bool(path and trainable[path]), sha256=_sha256(tensor)))
   if tokenizer_folder and Path(tokenizer_folder).is_dir():
     (out / "tokenizer").mkdir(exist_ok=True)
-    for file in _TOKENIZER_FILES:
-      if (Path(tokenizer_folder) / file).exists():
-        shutil.copy(Path(tokenizer_folder) / file, out / "tokenizer" / file)
+    for name in _TOKENIZER_FILES:
+      if (Path(tokenizer_folder) / name).exists():
+        shutil.copy(Path(tokenizer_folder) / name, out / "tokenizer" / name)
   sidecar = dict(s4eca_jax_export=VERSION, format=fmt, source=source or {},
                  config=json.loads(config.to_json()), files=files, tensors=entries)
   (out / SIDECAR).write_text(json.dumps(sidecar, indent=1))
