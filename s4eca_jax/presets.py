@@ -90,6 +90,10 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.text_encoder = dict(TINY_CLIP_TEXT if tiny else CLIP_B16_TEXT,
                              checkpoint=placeholder(str))
   config.random_init_encoders = tiny  # True only for tests/demos: no checkpoint needed
+  # A folder of python -m s4eca_jax.export: the run starts from its parameters (its encoders
+  # replace the checkpoints above). A resumed run's own checkpoint still wins for the
+  # trainable ones.
+  config.init_from = placeholder(str)
 
   # Model: every numbered design choice of SPEC.md "Model" is a field.
   config.model = ml_collections.ConfigDict()

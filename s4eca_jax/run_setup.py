@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from s4eca_jax import checkpoint, losses, optimizer, partition, sharding, text_tokenizer
+from s4eca_jax import (checkpoint, export_format, losses, optimizer, partition, sharding,
+                       text_tokenizer)
 from s4eca_jax.models import s4eca
 
 # Config fields that hold paths: `~` and $VARIABLES are expanded when a config is loaded.
@@ -168,13 +169,19 @@ class Setup:
 
 def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
                   mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """Initialised params created already sharded, frozen encoders loaded. -> (params, shardings)."""
+  """Initialised params created already sharded, frozen encoders loaded, then every leaf an
+  export holds when config.init_from names one. -> (params, shardings)."""
   inputs = s4eca.example_inputs(config)
   init = lambda rng: model.init(rng, *inputs)["params"]
   shardings = sharding.param_shardings(s4eca.abstract_params(config, model), mesh,
                                        config.get("fsdp_min_size", 2**18))
   params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  params, reports = s4eca.load_encoder_weights(model, config, params)
+  init_from = config.get("init_from")
+  params, reports = s4eca.load_encoder_weights(
+      model, config, params, skip=export_format.encoders_in(init_from) if init_from else ())
+  if init_from:
+    params, more = export_format.import_params(model, config, params, init_from)
+    reports += more
   for line in reports:
     log(f"  {line}")
   return jax.device_put(params, shardings), shardings

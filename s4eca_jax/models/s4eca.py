@@ -141,15 +141,19 @@ def _check_architecture(module: nn.Module, folder: str, kind: str, tensors: dict
         f"{folder} does not match the config; set:\n  " + "\n  ".join(wrong))
 
 
-def load_encoder_weights(model: S4ECA, config: ml_collections.ConfigDict, params: Any):
+def load_encoder_weights(model: S4ECA, config: ml_collections.ConfigDict, params: Any,
+                         skip: Sequence[str] = ()):
   """Fills the frozen encoders of `params` from config.{image,text}_encoder.checkpoint.
 
   Adapter leaves inside the encoders keep their values from `params`. An encoder with no
   checkpoint keeps its random init only when config.random_init_encoders is True.
+  skip: encoders whose weights come from elsewhere (an export, config.init_from).
   Returns (params, [one summary line per encoder]).
   """
   params, reports = dict(params), []
   for name in ("image_encoder", "text_encoder"):
+    if name in skip:
+      continue
     cfg = config[name]
     if cfg.checkpoint is None:
       if not config.random_init_encoders:
