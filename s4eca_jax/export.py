@@ -23,69 +23,58 @@ Back into JAX: train with --config.init_from=DIR. Into PyTorch:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from s4eca_jax import evaluate, export_format, partition, train
+from absl import flags
+
+from s4eca_jax import cli, export_format, partition, run_setup
 
 
 def export_run(workdir: str | Path, out: str | Path, checkpoint: str = "best",
                fmt: str = "safetensors") -> dict:
   """Exports checkpoint `checkpoint` of the run in `workdir` to `out`; returns the sidecar."""
-  workdir = Path(workdir)
-  config, setup, _ = evaluate.load_run(workdir)
-  trainable, step = evaluate.restore_trainable(setup, workdir, checkpoint)
+  workdir = Path(run_setup.expand_path(workdir))
+  config, setup = run_setup.load_run(workdir)
+  trainable, step = run_setup.restore_trainable(setup, config, workdir, checkpoint)
   params = partition.merge(trainable, setup.frozen)
   tokenizer = config.get("tokenizer") or config.text_encoder.get("checkpoint")
   source = {"workdir": str(workdir.absolute()), "checkpoint": checkpoint, "step": step,
             "frozen_encoders": {name: config[name].get("checkpoint") or
                                 f"random init (seed {config.seed})"
                                 for name in export_format.ENCODERS}}
-  return export_format.export_params(setup.model, config, params, out, fmt=fmt, source=source,
+  return export_format.export_params(setup.model, config, params,
+                                     run_setup.expand_path(out), fmt=fmt, source=source,
                                      tokenizer_folder=tokenizer)
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+FLAGS = flags.FLAGS
 
-  args = flags.FLAGS
-  sidecar = export_run(args.workdir, args.out, args.checkpoint, args.format)
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: modules import each other)."""
+  flags.DEFINE_string("workdir", None, "Run directory of s4eca_jax.train.", required=True)
+  flags.DEFINE_string("out", None, "Folder to write the export to (created if needed).",
+                      required=True)
+  flags.DEFINE_string("checkpoint", "best", "'best' (by oIoU on the run's eval_split; the "
+                      "latest when the run never evaluated), 'latest' or a step number.")
+  flags.DEFINE_enum("format", "safetensors", sorted(export_format.FORMATS),
+                    "Tensor file format.")
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.checkpoint not in ("best", "latest") and not FLAGS.checkpoint.isdigit():
+    raise cli.UsageError(f"--checkpoint={FLAGS.checkpoint!r}: use best, latest or a step "
+                         "number")
+  if not (Path(run_setup.expand_path(FLAGS.workdir)) / "config.json").exists():
+    raise cli.UsageError(f"--workdir={FLAGS.workdir}: no config.json there; pass the "
+                         "--workdir of a training run")
+  sidecar = export_run(FLAGS.workdir, FLAGS.out, FLAGS.checkpoint, FLAGS.format)
   counts = {file: entry["tensors"] for file, entry in sidecar["files"].items()}
-  print(f"exported step {sidecar['source']['step']} of {args.workdir} to {args.out}: "
+  print(f"exported step {sidecar['source']['step']} of {FLAGS.workdir} to {FLAGS.out}: "
         + ", ".join(f"{file} ({n} tensors)" for file, n in counts.items()))
 
 
-def _checkpoint(value: str) -> bool:
-  return value in ("best", "latest") or value.isdigit()
-
-
-def run():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_string("workdir", None, "Run directory of s4eca_jax.train.")
-  flags.DEFINE_string("out", None, "Folder to write the export to (created if needed).")
-  flags.DEFINE_string("checkpoint", "best", "'best' (by val oIoU; the latest when the run "
-                      "never evaluated), 'latest' or a step number.")
-  flags.DEFINE_enum("format", "safetensors", sorted(export_format.FORMATS),
-                    "Tensor file format.")
-  flags.register_validator("checkpoint", _checkpoint,
-                           "--checkpoint must be 'best', 'latest' or a step number")
-  if any(arg in ("-h", "--help", "-?") for arg in sys.argv[1:]):
-    # absl's own --help exits with status 1; a help request is not an error.
-    print(__doc__)
-    print(flags.FLAGS.main_module_help())
-    sys.exit(0)
-  try:
-    flags.FLAGS(sys.argv)
-    missing = [f"--{name}" for name in ("workdir", "out") if flags.FLAGS[name].value is None]
-    if missing:
-      raise flags.Error(f"{' and '.join(missing)} required")
-  except flags.Error as error:
-    print(f"usage error: {error} (see --help)", file=sys.stderr)
-    sys.exit(2)
-  app.run(main, argv=sys.argv[:1])
-
-
 if __name__ == "__main__":
-  run()
+  define_flags()
+  cli.run(main)

@@ -22,8 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import rrsisd
-from s4eca_jax import evaluate, export, export_format, partition, sharding, torch_reference, train
+from s4eca_jax import export, export_format, partition, run_setup, sharding, torch_reference
 from s4eca_jax.models import hf_weights, s4eca, text
 from tests import run_fixtures
 
@@ -54,8 +53,8 @@ def _torch_logits(reference, inputs):
 @pytest.fixture(scope="module")
 def run(trained_workdir):
   """(config, params of the latest checkpoint, export folder) of the trained tiny run."""
-  config, setup, _ = evaluate.load_run(trained_workdir)
-  trainable, _ = evaluate.restore_trainable(setup, trained_workdir, "latest")
+  config, setup = run_setup.load_run(trained_workdir)
+  trainable, _ = run_setup.restore_trainable(setup, config, trained_workdir, "latest")
   params = jax.device_get(partition.merge(trainable, setup.frozen))
   folder = trained_workdir / "export"
   export.export_run(trained_workdir, folder, "latest")
@@ -88,7 +87,7 @@ def test_reference_matches_jax_on_the_trained_export(run, language_guidance):
 def test_reference_matches_jax_on_random_params(tmp_path, overrides):
   """Every leaf random (zero-initialised up-projections and spatial convs included), so
   that each adapter and decoder part moves the logits."""
-  config = rrsisd.get_config("variant=tiny")
+  config = run_fixtures.config("rrsisd", "variant=tiny")
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
@@ -179,9 +178,9 @@ def test_export_import_gives_identical_jax_outputs(run, tmp_path, fmt):
   config = config.copy_and_resolve_references()
   config.seed = 123  # a different random init: frozen and trainable must come from DIR
   mesh = sharding.make_mesh(config.mesh)
-  fresh = train.build(config, mesh, None)
+  fresh = run_setup.build(config, mesh, None)
   config.init_from = str(folder)
-  imported = train.build(config, mesh, None)
+  imported = run_setup.build(config, mesh, None)
   inputs = _inputs(config)
   expected = _jax_logits(config, params, inputs)
   got = _jax_logits(config, jax.device_get(partition.merge(imported.state["params"],
@@ -242,7 +241,7 @@ def test_foreign_files_are_named(run, tmp_path):
 def _random_params(module):
   rng = np.random.default_rng(0)
   return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
-                      hf_weights.abstract_params(module))
+                      hf_weights.encoder_abstract_params(module))
 
 
 @pytest.mark.parametrize("use_pooler", [True, False])
@@ -280,7 +279,7 @@ def test_rrsisd_sized_encoders_export_and_load_strictly(tmp_path):
   the HF classes on the meta device (no forward pass)."""
   from safetensors.torch import load_file as load_torch  # pylint: disable=import-outside-toplevel
 
-  config = rrsisd.get_config()
+  config = run_fixtures.config("rrsisd")
   model = s4eca.build_model(config)
   # Ours plus, for DINOv2, HF's mask_token (768), which export writes as zeros.
   expected = {"image_encoder": ("Dinov2WithRegistersModel", 86_582_784 + 768),
