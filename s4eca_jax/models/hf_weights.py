@@ -3,8 +3,8 @@
     pretrained = load_pretrained("/ckpt/dinov2-with-registers-base")
     out = pretrained.module.apply({"params": pretrained.params}, images)
 
-A folder holds config.json and model.safetensors (sharded *.safetensors, or a torch .bin
-when torch is installed). Supported: CLIPModel / CLIPVisionModel / CLIPTextModel(+WithProjection)
+A folder holds config.json and model.safetensors (sharded *.safetensors, model.npz, or a
+torch .bin when torch is installed). Supported: CLIPModel / CLIPVisionModel / CLIPTextModel(+WithProjection)
 (pick the tower with `tower=`), Dinov2Model, Dinov2WithRegistersModel, BertModel (MiniLM...).
 
 Conversion is a table of renames per kind (regex on our parameter path -> HF tensor names,
@@ -14,6 +14,11 @@ embeddings stored with fewer leading axes. Targets come from `jax.eval_shape` of
 module, so every tensor is checked for presence and shape before anything is built.
 Leaves with no rule (adapters inserted through the encoder hooks) are taken from the
 `params` the caller passes.
+
+The same table runs backwards for export (`export_tensors`, `hf_config`): each leaf goes
+to the first (transformers 5) name of its rule with the inverse transform, plus zero
+placeholders for HF tensors we never use (DINOv2's mask_token), so that the HF classes
+load the folder with strict=True. export_format.py writes whole runs with it.
 """
 
 from __future__ import annotations
