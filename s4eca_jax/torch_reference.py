@@ -87,7 +87,7 @@ class QueryReader(nn.Module):
 
   def __init__(self, dim: int, width: int, num_heads: int):
     super().__init__()
-    self.query_norm, self.word_norm, self.ffn_norm = layer_norm(dim), layer_norm(dim), layer_norm(dim)
+    self.query_norm, self.word_norm, self.ffn_norm = (layer_norm(dim) for _ in range(3))
     self.attn = Attention(dim, dim, num_heads, features=width)
     self.ffn = Mlp(dim, width)
 

@@ -4,8 +4,9 @@
     out = pretrained.module.apply({"params": pretrained.params}, images)
 
 A folder holds config.json and model.safetensors (sharded *.safetensors, model.npz, or a
-torch .bin when torch is installed). Supported: CLIPModel / CLIPVisionModel / CLIPTextModel(+WithProjection)
-(pick the tower with `tower=`), Dinov2Model, Dinov2WithRegistersModel, BertModel (MiniLM...).
+torch .bin when torch is installed). Supported: CLIPModel / CLIPVisionModel /
+CLIPTextModel(+WithProjection) (pick the tower with `tower=`), Dinov2Model,
+Dinov2WithRegistersModel, BertModel (MiniLM...).
 
 Conversion is a table of renames per kind (regex on our parameter path -> HF tensor names,
 several spellings where transformers versions differ) plus per-kind transforms: Linear
@@ -67,7 +68,8 @@ _DINOV2 = [
          ["encoder.layer.{i}.attention.o_proj.{leaf}",
           "encoder.layer.{i}.attention.output.dense.{leaf}"]),
     Rule(r"block_(?P<k>\d+)/ls(?P<j>[12])/lambda1", ["encoder.layer.{i}.layer_scale{j}.lambda1"]),
-    Rule(r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)", ["encoder.layer.{i}.mlp.{fc}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.mlp.{fc}.{leaf}"]),
     Rule(r"final_norm/(?P<leaf>\w+)", ["layernorm.{leaf}"]),
 ]
 _CLIP_BLOCKS = [
@@ -75,7 +77,8 @@ _CLIP_BLOCKS = [
          ["encoder.layers.{i}.layer_norm{j}.{leaf}"]),
     Rule(r"block_(?P<k>\d+)/attn/(?P<p>query|key|value|out)/(?P<leaf>\w+)",
          ["encoder.layers.{i}.self_attn.{p_clip}.{leaf}"]),
-    Rule(r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)", ["encoder.layers.{i}.mlp.{fc}.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/mlp/(?P<fc>fc1|fc2)/(?P<leaf>\w+)",
+         ["encoder.layers.{i}.mlp.{fc}.{leaf}"]),
 ]
 _CLIP_VISION = [
     Rule(r"patch_embed/kernel", ["embeddings.patch_embedding.weight"]),
@@ -101,7 +104,8 @@ _BERT = [
          ["encoder.layer.{i}.attention.output.dense.{leaf}"]),
     Rule(r"block_(?P<k>\d+)/norm1/(?P<leaf>\w+)",
          ["encoder.layer.{i}.attention.output.LayerNorm.{leaf}"]),
-    Rule(r"block_(?P<k>\d+)/mlp/fc1/(?P<leaf>\w+)", ["encoder.layer.{i}.intermediate.dense.{leaf}"]),
+    Rule(r"block_(?P<k>\d+)/mlp/fc1/(?P<leaf>\w+)",
+         ["encoder.layer.{i}.intermediate.dense.{leaf}"]),
     Rule(r"block_(?P<k>\d+)/mlp/fc2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.dense.{leaf}"]),
     Rule(r"block_(?P<k>\d+)/norm2/(?P<leaf>\w+)", ["encoder.layer.{i}.output.LayerNorm.{leaf}"]),
     Rule(r"pooler/(?P<leaf>\w+)", ["pooler.dense.{leaf}"]),
