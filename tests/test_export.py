@@ -122,10 +122,11 @@ def test_encoders_load_strictly_into_hf(run):
     assert not any(info.values()), info
     model.load_state_dict(torch_reference._torch_tensors(  # pylint: disable=protected-access
         folder / name / "model.safetensors"), strict=True)
-  # The text tower without its projection is a CLIPTextModel.
+  # The text tower without its projection is a CLIPTextModel (no "text_model." prefix).
   text = torch_reference._torch_tensors(  # pylint: disable=protected-access
       folder / "text_encoder" / "model.safetensors")
   del text["text_projection.weight"]
+  text = {name.removeprefix("text_model."): tensor for name, tensor in text.items()}
   config = transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder")
   transformers.CLIPTextModel(config).load_state_dict(text, strict=True)
 

@@ -122,8 +122,11 @@ class Kind:
   rules: list[Rule]
   ignore: str  # regex (full key) of tensors that are not ours to load
   # HF tensors our module has no counterpart for, written on export so that HF loads the
-  # folder strictly: name (relative to prefixes[0]) -> zero tensor of that shape.
+  # folder strictly: name (relative to the export prefix) -> zero tensor of that shape.
   placeholders: Callable[[nn.Module], dict[str, tuple[int, ...]]] = lambda module: {}
+  # The prefix export writes: the state_dict prefix of the HF class hf_config names
+  # (transformers 5: CLIPVisionModel and CLIPTextModel have none, ...WithProjection has one).
+  export_prefix: Callable[[nn.Module], str] = lambda module: ""
 
 
 KINDS = {
@@ -136,7 +139,8 @@ KINDS = {
                         r"text_model\..*|.*position_ids|logit_scale|visual_projection\..*|text_projection\..*"),
     "clip_text": Kind("clip_text", ("text_model.", ""), "embeddings.token_embedding.weight",
                       _CLIP_TEXT,
-                      r"vision_model\..*|.*position_ids|logit_scale|visual_projection\..*"),
+                      r"vision_model\..*|.*position_ids|logit_scale|visual_projection\..*",
+                      export_prefix=lambda module: "text_model." if module.projection_dim else ""),
     "bert": Kind("bert", ("", "bert."), "embeddings.word_embeddings.weight", _BERT,
                  r".*position_ids|cls\..*|classifier\..*|qa_outputs\..*"),
 }
@@ -343,7 +347,7 @@ def load_params(module: nn.Module, folder: str | Path, kind: str, *, params: Any
 def export_name(kind: str, path: str) -> str | None:
   """The HF name export writes for our encoder leaf `path`; None for adapter leaves."""
   spec = KINDS[kind]
-  matched = _match(spec, spec.prefixes[0], path)
+  matched = _match(spec, "", path)
   return None if matched is None else matched[0][0]
 
 
@@ -355,7 +359,7 @@ def export_tensors(module: nn.Module, params: Any, kind: str
   {our path: leaf} of the leaves no rule covers: adapters, for the caller to write).
   """
   spec = KINDS[kind]
-  prefix = spec.prefixes[0]
+  prefix = spec.export_prefix(module)
   tensors, rest = {}, {}
   for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items():
     matched = _match(spec, prefix, path)
