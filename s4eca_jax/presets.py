@@ -17,16 +17,16 @@ VARIANTS = ("full", "tiny")
 # s4eca_jax/models/vit.py and text.py); `kind` picks the module and the checkpoint name map.
 DINOV2_B14_REG4 = dict(  # HF facebook/dinov2-with-registers-base
     kind="dinov2", width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=14,
-    pretrain_grid=37, num_registers=4, layer_norm_eps=1e-6, remat=False)
+    pretrain_grid=37, num_registers=4, layer_norm_eps=1e-6, remat="none")
 CLIP_B16_TEXT = dict(  # HF openai/clip-vit-base-patch16, text tower + text_projection
     kind="clip_text", vocab_size=49408, width=512, depth=12, num_heads=8, mlp_dim=2048,
     max_positions=77, projection_dim=512, eos_token_id=2, layer_norm_eps=1e-5,
-    act="quick_gelu", remat=False)
+    act="quick_gelu", remat="none")
 DINOV2_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet
 
 TINY_VIT = dict(
     kind="dinov2", width=32, depth=4, num_heads=2, mlp_dim=64, patch_size=8, pretrain_grid=4,
-    num_registers=2, layer_norm_eps=1e-6, remat=False)
+    num_registers=2, layer_norm_eps=1e-6, remat="none")
 TINY_CLIP_TEXT = dict(CLIP_B16_TEXT, width=32, depth=2, num_heads=2, mlp_dim=64,
                       projection_dim=32)
 
@@ -98,6 +98,12 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   # Model: every numbered design choice of SPEC.md "Model" is a field.
   config.model = ml_collections.ConfigDict()
   config.model.compute_dtype = "auto"  # bf16 on GPU/TPU, f32 on CPU; params stay f32
+  # Attention: "auto" = cuDNN flash on GPU (16-bit), Pallas flash on TPU, XLA on CPU; or
+  # "xla" | "cudnn" | "pallas" everywhere (image encoder, decoder pixels, text tower).
+  config.model.attention = "auto"
+  config.model.fused_qkv = False  # self-attention q/k/v in one matmul (same params)
+  config.frozen_dtype = "float32"  # "bfloat16": frozen encoder params stored in bf16
+  config.donate_state = True  # the train step reuses the old state's buffers
   config.model.language_guidance = True  # False: image path and decoder see zeros, not text
   config.model.textual_adapter = dict(
       enabled=True,  # False: proxies = Dense(sentence vector), one proxy
@@ -164,11 +170,11 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
 MINILM_L6 = dict(  # sentence-transformers/all-MiniLM-L6-v2 (HF BertModel)
     kind="bert", vocab_size=30522, width=384, depth=6, num_heads=12, mlp_dim=1536,
     max_positions=512, type_vocab_size=2, layer_norm_eps=1e-12, act="gelu", pooling="mean",
-    use_pooler=True, remat=False)
+    use_pooler=True, remat="none")
 # Random and frozen: 16 x 16 patches of 8 px at 128 px.
 SMALL_VIT = dict(
     kind="dinov2", width=128, depth=2, num_heads=4, mlp_dim=512, patch_size=8,
-    pretrain_grid=16, num_registers=0, layer_norm_eps=1e-6, remat=False)
+    pretrain_grid=16, num_registers=0, layer_norm_eps=1e-6, remat="none")
 
 
 def minilm_folder() -> Path:

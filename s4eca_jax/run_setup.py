@@ -158,12 +158,10 @@ class Setup:
 
   def predict_fn(self) -> Callable[[dict, dict], jax.Array]:
     """(params {"trainable", "frozen"}, batch) -> float32 logits (B, S, S)."""
-    model = self.model
 
     def predict(params, batch):
       merged = partition.merge(params["trainable"], params["frozen"])
-      return model.apply({"params": merged}, batch["image"], batch["input_ids"],
-                         batch["attention_mask"])["logits"].astype(jnp.float32)
+      return forward(self, merged, batch)["logits"].astype(jnp.float32)
     return predict
 
 
@@ -187,18 +185,43 @@ def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
   return jax.device_put(params, shardings), shardings
 
 
+def abstract_sharded_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
+                            mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """Shapes of the params (ShapeDtypeStructs with their shardings): no weights made."""
+  abstract = s4eca.abstract_params(config, model)
+  shardings = sharding.param_shardings(abstract, mesh, config.get("fsdp_min_size", 2**18))
+  return _with_shardings(abstract, shardings), shardings
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-          total_steps: int | None) -> Setup:
-  """Model, frozen/trainable split and (when total_steps is given) optimizer state."""
-  model = s4eca.build_model(config)
-  params, shardings = create_params(config, model, mesh)
+          total_steps: int | None, *, abstract: bool = False,
+          backend: str | None = None) -> Setup:
+  """Model, frozen/trainable split and (when total_steps is given) optimizer state.
+
+  abstract=True: params and state are ShapeDtypeStructs (for ahead-of-time compilation,
+  s4eca_jax.aot); backend: the platform compiled for (see s4eca.build_model).
+  """
+  model = s4eca.build_model(config, backend)
+  make_params = abstract_sharded_params if abstract else create_params
+  params, shardings = make_params(config, model, mesh)
   mask = partition.trainable_mask(params, config.trainable)
-  log(partition.describe(params, config.trainable))
+  if not abstract:
+    log(partition.describe(params, config.trainable))
   trainable, frozen = partition.split(params, mask)
   trainable_shardings, frozen_shardings = partition.split(shardings, mask)
+  # Frozen weights are only read: storing them in the compute dtype halves their traffic.
+  frozen_dtype = jnp.dtype(config.get("frozen_dtype", "float32"))
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(frozen_dtype), tree)
+  frozen = (_with_shardings(jax.eval_shape(cast, frozen), frozen_shardings) if abstract
+            else jax.jit(cast, out_shardings=frozen_shardings)(frozen))
   tx = schedule = None
-  state = {"params": trainable, "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.PRNGKey(config.seed)}
+  state = {"params": trainable, "step": jax.ShapeDtypeStruct((), jnp.int32),
+           "rng": jax.eval_shape(jax.random.PRNGKey, 0)}
   state_shardings = {"params": trainable_shardings, "step": sharding.replicated(mesh),
                      "rng": sharding.replicated(mesh)}
   if total_steps is not None:
@@ -207,9 +230,14 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     # Optimizer moments are sharded like the params they follow.
     opt_shardings = sharding.param_shardings(opt_abstract, mesh,
                                              config.get("fsdp_min_size", 2**18))
-    state["opt_state"] = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+    state["opt_state"] = opt_abstract if abstract else jax.jit(
+        tx.init, out_shardings=opt_shardings)(trainable)
     state_shardings["opt_state"] = opt_shardings
-  state = jax.device_put(state, state_shardings)
+  if abstract:
+    state = _with_shardings(state, state_shardings)
+  else:
+    state.update(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed))
+    state = jax.device_put(state, state_shardings)
   return Setup(model, mesh, frozen, state, state_shardings, frozen_shardings, tx, schedule)
 
 
@@ -218,15 +246,21 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 # --------------------------------------------------------------------------------------
 
 
+def forward(setup: Setup, params: Any, batch: dict) -> dict:
+  """The model on a batch, traced under the mesh: Pallas attention maps itself over it."""
+  with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+    return setup.model.apply({"params": params}, batch["image"], batch["input_ids"],
+                             batch["attention_mask"])
+
+
 def make_train_step(setup: Setup, config: ml_collections.ConfigDict):
-  """jit(train_step)(state, frozen, batch) -> (state, metrics); state is donated."""
-  model, tx, schedule = setup.model, setup.tx, setup.schedule
+  """jit(train_step)(state, frozen, batch) -> (state, metrics); the state is donated
+  unless config.donate_state is False (its buffers are then kept beside the new ones)."""
+  tx, schedule = setup.tx, setup.schedule
 
   def train_step(state, frozen, batch):
     def loss_fn(trainable):
-      params = partition.merge(trainable, frozen)
-      out = model.apply({"params": params}, batch["image"], batch["input_ids"],
-                        batch["attention_mask"])
+      out = forward(setup, partition.merge(trainable, frozen), batch)
       return losses.segmentation_loss(out["logits"], batch["mask"], None, **config.loss)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -242,7 +276,7 @@ def make_train_step(setup: Setup, config: ml_collections.ConfigDict):
   return jax.jit(train_step,
                  in_shardings=(setup.state_shardings, setup.frozen_shardings, data),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,) if config.get("donate_state", True) else ())
 
 
 # --------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class QueryReader(nn.Module):
     queries = queries + layers.MultiHeadAttention(
         self.num_heads, qkv_features=self.width, key_bias=False, dtype=self.dtype,
         name="attn")(
-            norm("query_norm")(queries), norm("word_norm")(words), mask=mask)
+            norm("query_norm")(queries), norm("word_norm")(words), key_mask=mask)
     return queries + layers.Mlp(self.width, "gelu", dtype=self.dtype, name="ffn")(
         norm("ffn_norm")(queries))
 
@@ -87,7 +87,7 @@ class TextualAdapter(nn.Module):
     queries = self.param("queries", nn.initializers.normal(0.02),
                          (self.num_queries, text_width))
     queries = jnp.broadcast_to(queries, (batch,) + queries.shape).astype(self.dtype)
-    mask = layers.padding_mask(attention_mask)  # (B, 1, 1, L)
+    mask = attention_mask  # (B, L)
     for k in self.blocks:
       queries = QueryReader(self.width, self.num_heads, self.dtype, name=f"read_{k}")(
           queries, block_tokens[k], mask)  # (B, Nq, C)

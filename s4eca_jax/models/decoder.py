@@ -82,16 +82,17 @@ class DecoderLayer(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  attention: str = "xla"  # pixel self-attention only; the short cross-attention uses XLA
 
   @nn.compact
   def __call__(self, x, memory, memory_mask):
     """x: (B, N, d) pixels; memory: (B, M, d); memory_mask: (B, M) 1 = valid."""
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
-    attn = lambda name: layers.MultiHeadAttention(self.num_heads, key_bias=False,
-                                                  dtype=self.dtype, name=name)
-    x = x + attn("self_attn")(norm("self_norm")(x))
+    attn = lambda name, attention="xla": layers.MultiHeadAttention(
+        self.num_heads, key_bias=False, attention=attention, dtype=self.dtype, name=name)
+    x = x + attn("self_attn", self.attention)(norm("self_norm")(x))
     x = x + attn("cross_attn")(norm("cross_norm")(x), memory,
-                               mask=layers.padding_mask(memory_mask))
+                               key_mask=memory_mask)
     return x + layers.Mlp(self.mlp_dim, "gelu", dtype=self.dtype, name="ffn")(norm("ffn_norm")(x))
 
 
@@ -107,6 +108,7 @@ class Decoder(nn.Module):
   coordinate_freqs: int = 0  # coordinate_channels joined to each projector input; 0: none
   pixel_dim: int = 0  # > 0: the pixel path's width (_pixel_logits); 0: none, as in the paper
   norm_groups: int = 32
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS, for the pixel self-attention
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -139,7 +141,8 @@ class Decoder(nn.Module):
         [word_mask.astype(bool), jnp.ones(proxies.shape[:2], bool)], axis=1)  # (B, L + Nq)
     x = x.reshape(batch, height * width, self.width)  # (B, N, d)
     for i in range(self.num_layers):
-      x = DecoderLayer(self.num_heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(
+      x = DecoderLayer(self.num_heads, self.mlp_dim, self.dtype, self.attention,
+                       name=f"layer_{i}")(
           x, memory, memory_mask)
     x = nn.LayerNorm(dtype=self.dtype, name="out_norm")(x).reshape(batch, height, width, -1)
 

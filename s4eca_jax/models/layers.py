@@ -35,23 +35,125 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+CUDNN_LENGTH_MULTIPLE = 64  # jax's cuDNN flash attention refuses e.g. 1,029 tokens
+PALLAS_BLOCK = 128  # the TPU flash kernel's default block along both sequence axes
+
+
+def resolve_attention(name: str, backend: str, dtype) -> str:
+  """config.model.attention -> an implementation: "auto" picks the backend's fused kernel.
+
+  cuDNN's flash attention runs only in 16-bit, so "auto" keeps XLA for f32 on GPU.
+  """
+  if name == "auto":
+    if backend == "tpu":
+      return "pallas"
+    if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype).itemsize == 2:
+      return "cudnn"
+    return "xla"
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention={name!r}; use 'auto' or one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}.")
+  return name
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _pallas_flash(query, key, value, query_valid, key_valid, is_causal):
+  """TPU flash attention on (B, T, heads, head_dim), lengths already padded to the block.
+
+  Segment ids carry the masks: a query attends keys of its own segment, so valid queries
+  (segment 1) see valid keys and padding queries (segment 0) see padding keys only.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
+
+  def kernel(q, k, v, q_segments, kv_segments):
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, heads, T, head_dim)
+    out = tpu_flash.flash_attention(
+        to_heads_first(q), to_heads_first(k), to_heads_first(v),
+        segment_ids=tpu_flash.SegmentIds(q=q_segments, kv=kv_segments),
+        causal=is_causal, sm_scale=1.0 / np.sqrt(q.shape[-1]))
+    return to_heads_first(out)
+
+  q_segments, kv_segments = query_valid.astype(jnp.int32), key_valid.astype(jnp.int32)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(query, key, value, q_segments, kv_segments)
+  # Mosaic kernels are not partitioned by XLA: run one per device on its batch shard. The
+  # step functions trace under the mesh (jax.sharding.use_abstract_mesh).
+  batch_axes = tuple(mesh.axis_names)
+  if query.shape[0] % mesh.size:
+    raise ValueError(f"pallas attention: batch {query.shape[0]} is not divisible by the "
+                     f"{mesh.size} devices of the mesh {dict(mesh.shape)}.")
+  spec = jax.sharding.PartitionSpec(batch_axes)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec,
+                       check_vma=False)(query, key, value, q_segments, kv_segments)
+
+
+def dot_product_attention(query, key, value, *, key_mask=None, is_causal: bool = False,
+                          implementation: str = "xla"):
+  """softmax(q k^T / sqrt(d)) v with one of ATTENTION_IMPLEMENTATIONS.
+
+  query (B, Tq, heads, head_dim), key/value (B, Tk, heads, head_dim); key_mask (B, Tk),
+  nonzero where a key may be attended (the tokenizer's attention mask; valid keys first
+  for cuDNN, which takes lengths). A row with no valid key (a padded evaluation example)
+  attends to all keys instead: finite outputs that the caller discards, never NaN.
+  cuDNN and Pallas run on sequences padded to their block; padding keys are masked and
+  padding query rows dropped.
+  """
+  batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
+  if key_mask is not None:
+    key_mask = key_mask.astype(bool)
+    key_mask = key_mask | ~jnp.any(key_mask, axis=-1, keepdims=True)  # (B, Tk)
+  if implementation == "xla":
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                        implementation="xla")
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}; use one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}.")
+  if key_mask is None:
+    key_mask = jnp.ones((batch, k_len), bool)
+  multiple = CUDNN_LENGTH_MULTIPLE if implementation == "cudnn" else PALLAS_BLOCK
+  q_pad, k_pad = _round_up(q_len, multiple) - q_len, _round_up(k_len, multiple) - k_len
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n)) + ((0, 0),) * (x.ndim - 2))
+  query, key, value, key_mask = pad(query, q_pad), pad(key, k_pad), pad(value, k_pad), pad(
+      key_mask, k_pad)
+  if implementation == "cudnn":
+    lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # (B,) valid keys come first
+    out = jax.nn.dot_product_attention(
+        query, key, value, is_causal=is_causal, implementation="cudnn",
+        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32), key_value_seq_lengths=lengths)
+  else:
+    query_valid = jnp.broadcast_to(jnp.arange(q_len + q_pad) < q_len, (batch, q_len + q_pad))
+    out = _pallas_flash(query, key, value, query_valid, key_mask, is_causal)
+  return out[:, :q_len]
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate query/key/value projections (as in HF checkpoints).
 
-  `mask` is boolean, True where attention is allowed, broadcastable to (B, heads, Tq, Tk).
-  A key bias adds the same logit to every key of a query, which softmax cancels: its
-  gradient is zero up to float noise, which Adam would turn into drift. Pretrained
-  encoders keep it (their checkpoints have it); trainable modules set key_bias=False.
+  `key_mask` (B, Tk) is nonzero where a key may be attended; `attention` names the
+  implementation (see dot_product_attention). A key bias adds the same logit to every key
+  of a query, which softmax cancels: its gradient is zero up to float noise, which Adam
+  would turn into drift. Pretrained encoders keep it (their checkpoints have it);
+  trainable modules set key_bias=False. fused_qkv: self-attention projects q, k and v in
+  one matmul over the concatenated kernels (same parameters).
   """
 
   num_heads: int
   out_features: int | None = None
   qkv_features: int | None = None
   key_bias: bool = True
+  attention: str = "xla"
+  fused_qkv: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, *, mask=None, is_causal=False):
+  def __call__(self, inputs_q, inputs_kv=None, *, key_mask=None, is_causal=False):
+    self_attention = inputs_kv is None
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     features = self.qkv_features or inputs_q.shape[-1]
     if features % self.num_heads:
@@ -59,12 +161,40 @@ class MultiHeadAttention(nn.Module):
     head_dim = features // self.num_heads
     dense = lambda name, n, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
-    query = split(dense("query", features)(inputs_q))  # (B, Tq, heads, head_dim)
-    key = split(dense("key", features, self.key_bias)(inputs_kv))  # (B, Tk, heads, head_dim)
-    value = split(dense("value", features)(inputs_kv))
-    out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal)
+    if self.fused_qkv and self_attention:
+      query, key, value = map(split, _fused_projection(self, inputs_q, features))
+    else:
+      query = split(dense("query", features)(inputs_q))  # (B, Tq, heads, head_dim)
+      key = split(dense("key", features, self.key_bias)(inputs_kv))  # (B, Tk, heads, head_dim)
+      value = split(dense("value", features)(inputs_kv))
+    out = dot_product_attention(query, key, value, key_mask=key_mask, is_causal=is_causal,
+                                implementation=self.attention)
     out = out.reshape(out.shape[:-2] + (features,))
     return dense("out", self.out_features or inputs_q.shape[-1])(out)
+
+
+class DenseParams(nn.Module):
+  """The kernel and bias of an nn.Dense (same names and init), returned, not applied."""
+
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else (
+        jnp.zeros((self.features,)))
+    return kernel, bias
+
+
+def _fused_projection(module: MultiHeadAttention, x, features: int):
+  """q, k, v of x from one matmul over the concatenated kernels (separate Dense params)."""
+  parts = [DenseParams(features, name != "key" or module.key_bias, name=name)(x.shape[-1])
+           for name in ("query", "key", "value")]
+  kernel = jnp.concatenate([k for k, _ in parts], axis=1).astype(module.dtype)
+  bias = jnp.concatenate([b for _, b in parts]).astype(module.dtype)
+  qkv = jnp.dot(x.astype(module.dtype), kernel) + bias  # (B, T, 3 * features)
+  return jnp.split(qkv, 3, axis=-1)
 
 
 def _same_padding(kernel_size: int) -> tuple[int, int]:
@@ -136,6 +266,26 @@ class DepthwiseConv(nn.Module):
     return out + bias.astype(self.dtype)
 
 
+REMAT_POLICIES = {
+    # name -> what a rematerialised block keeps from its forward pass for the backward
+    "full": None,  # only the block input: everything is recomputed
+    "dots": "checkpoint_dots",  # every matmul output
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",  # projections and MLP, not scores
+}
+
+
+def remat_block(block_cls, policy: bool | str):
+  """block_cls rematerialised by `policy`: False/"none", True/"full", or a REMAT_POLICIES key."""
+  if policy in (False, None, "none", ""):
+    return block_cls
+  policy = "full" if policy is True else policy
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat={policy!r}; use False, 'none', True or one of "
+                     f"{sorted(REMAT_POLICIES)}.")
+  name = REMAT_POLICIES[policy]
+  return nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, name) if name else None)
+
+
 class Mlp(nn.Module):
   """Two-layer MLP: fc1 -> activation -> fc2."""
 
@@ -161,11 +311,6 @@ class LayerScale(nn.Module):
   def __call__(self, x):
     gamma = self.param("lambda1", nn.initializers.constant(self.init_value), (x.shape[-1],))
     return x * gamma.astype(x.dtype)
-
-
-def padding_mask(attention_mask: jax.Array) -> jax.Array:
-  """(B, Tk) 0/1 key mask -> boolean (B, 1, 1, Tk) attention mask."""
-  return attention_mask.astype(bool)[:, None, None, :]
 
 
 # ---------------------------------------------------------------------------

@@ -70,10 +70,10 @@ class S4ECA(nn.Module):
                         images.shape[1:3], images=images)
 
 
-def compute_dtype(name: str):
-  """"auto": bfloat16 on GPU/TPU, float32 on CPU."""
+def compute_dtype(name: str, backend: str | None = None):
+  """"auto": bfloat16 on GPU/TPU, float32 on CPU (backend: default jax's)."""
   if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.compute_dtype={name!r}; use 'auto', 'float32' or 'bfloat16'.")
   return jnp.dtype(name)
@@ -83,10 +83,19 @@ def _module_kwargs(encoder_config: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in encoder_config.items() if k not in _NOT_MODULE_FIELDS}
 
 
-def build_model(config: ml_collections.ConfigDict) -> S4ECA:
-  """The S4ECA module described by `config` (see configs/rrsisd.py)."""
-  dtype = compute_dtype(config.model.compute_dtype)
+def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -> S4ECA:
+  """The S4ECA module described by `config` (see configs/rrsisd.py).
+
+  backend: the platform the model will be compiled for (default jax's default backend;
+  the AOT tool passes "tpu" on a CPU host); it resolves the "auto" dtype and attention.
+  """
+  backend = backend or jax.default_backend()
+  dtype = compute_dtype(config.model.compute_dtype, backend)
   image_cfg, text_cfg, m = config.image_encoder, config.text_encoder, config.model
+  attention = layers.resolve_attention(m.get("attention", "auto"), backend, dtype)
+  # The 22-token text tower gains nothing from a fused kernel padded to its block.
+  text_attention = "xla" if m.get("attention", "auto") == "auto" else attention
+  fused_qkv = m.get("fused_qkv", False)
   if image_cfg.kind not in IMAGE_KINDS:
     raise ValueError(f"config.image_encoder.kind={image_cfg.kind!r}; known: {sorted(IMAGE_KINDS)}.")
   if text_cfg.kind not in TEXT_ENCODERS:
@@ -99,8 +108,10 @@ def build_model(config: ml_collections.ConfigDict) -> S4ECA:
       cross_attention=va.cross_attention, num_heads=va.num_heads, dtype=dtype)
   image_encoder = vit.VisionTransformer(
       family=IMAGE_KINDS[image_cfg.kind], **_module_kwargs(image_cfg), adapter=visual_adapter,
-      adapter_blocks=tuple(va.blocks), adapter_scale=va.scale, dtype=dtype)
-  text_encoder = TEXT_ENCODERS[text_cfg.kind](**_module_kwargs(text_cfg), dtype=dtype)
+      adapter_blocks=tuple(va.blocks), adapter_scale=va.scale, attention=attention,
+      fused_qkv=fused_qkv, dtype=dtype)
+  text_encoder = TEXT_ENCODERS[text_cfg.kind](
+      **_module_kwargs(text_cfg), attention=text_attention, fused_qkv=fused_qkv, dtype=dtype)
   textual_adapter = None
   if ta.enabled:
     textual_adapter = adapters.TextualAdapter(
@@ -112,7 +123,8 @@ def build_model(config: ml_collections.ConfigDict) -> S4ECA:
           width=dec.width, num_layers=dec.num_layers, num_heads=dec.num_heads,
           mlp_dim=dec.mlp_dim, sentence_gate=dec.sentence_gate,
           projector_dims=tuple(dec.projector_dims), coordinate_freqs=dec.coordinate_freqs,
-          pixel_dim=dec.pixel_dim, norm_groups=dec.norm_groups, dtype=dtype),
+          pixel_dim=dec.pixel_dim, norm_groups=dec.norm_groups, attention=attention,
+          dtype=dtype),
       decoder_taps=tuple(dec.taps), language_guidance=m.language_guidance, dtype=dtype)
 
 

@@ -53,17 +53,22 @@ class TextBlock(nn.Module):
   act: str
   layer_norm_eps: float
   pre_norm: bool
+  is_causal: bool = False
+  attention: str = "xla"
+  fused_qkv: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, key_mask):
     norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-    attn = layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
+    attn = lambda h: layers.MultiHeadAttention(
+        self.num_heads, attention=self.attention, fused_qkv=self.fused_qkv, dtype=self.dtype,
+        name="attn")(h, key_mask=key_mask, is_causal=self.is_causal)
     mlp = layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")
     if self.pre_norm:
-      x = x + attn(norm("norm1")(x), mask=mask)
+      x = x + attn(norm("norm1")(x))
       return x + mlp(norm("norm2")(x))
-    x = norm("norm1")(x + attn(x, mask=mask))
+    x = norm("norm1")(x + attn(x))
     return norm("norm2")(x + mlp(x))
 
 
@@ -82,7 +87,9 @@ class ClipTextEncoder(_AdapterHook):
   act: str = "quick_gelu"
   adapter: Callable[..., nn.Module] | None = None
   adapter_blocks: Sequence[int] = ()
-  remat: bool = False
+  remat: bool | str = False  # layers.REMAT_POLICIES
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+  fused_qkv: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -93,12 +100,11 @@ class ClipTextEncoder(_AdapterHook):
                      (self.max_positions, self.width))
     x = (x + pos[None, :length]).astype(self.dtype)
 
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    mask = layers.padding_mask(attention_mask) & causal[None, None]  # (B, 1, L, L)
-    block_cls = nn.remat(TextBlock) if self.remat else TextBlock
+    block_cls = layers.remat_block(TextBlock, self.remat)
     make_block = lambda k: (lambda h: block_cls(
         self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=True,
-        dtype=self.dtype, name=f"block_{k}")(h, mask))
+        is_causal=True, attention=self.attention, fused_qkv=self.fused_qkv,
+        dtype=self.dtype, name=f"block_{k}")(h, attention_mask))
     x, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
     tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
 
@@ -133,7 +139,9 @@ class BertEncoder(_AdapterHook):
   use_pooler: bool = True  # the checkpoint has pooler.dense
   adapter: Callable[..., nn.Module] | None = None
   adapter_blocks: Sequence[int] = ()
-  remat: bool = False
+  remat: bool | str = False  # layers.REMAT_POLICIES
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+  fused_qkv: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -151,11 +159,11 @@ class BertEncoder(_AdapterHook):
          + nn.Embed(self.type_vocab_size, self.width, name="type_embedding")(token_type_ids))
     x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
 
-    mask = layers.padding_mask(attention_mask)  # (B, 1, 1, L)
-    block_cls = nn.remat(TextBlock) if self.remat else TextBlock
+    block_cls = layers.remat_block(TextBlock, self.remat)
     make_block = lambda k: (lambda h: block_cls(
         self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=False,
-        dtype=self.dtype, name=f"block_{k}")(h, mask))
+        attention=self.attention, fused_qkv=self.fused_qkv, dtype=self.dtype,
+        name=f"block_{k}")(h, attention_mask))
     tokens, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
 
     out = {"tokens": tokens, "taps": tapped, "adapter_state": state}

@@ -40,6 +40,8 @@ class VisionBlock(nn.Module):
   adapter_scale: float = 0.0
   num_prefix: int = 1
   grid: tuple[int, int] = (1, 1)
+  attention: str = "xla"
+  fused_qkv: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -47,7 +49,9 @@ class VisionBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
     scale = (lambda name: layers.LayerScale(name=name)) if self.layerscale else (
         lambda name: (lambda y: y))
-    y = layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm1")(x))
+    y = layers.MultiHeadAttention(self.num_heads, attention=self.attention,
+                                  fused_qkv=self.fused_qkv, dtype=self.dtype,
+                                  name="attn")(norm("norm1")(x))
     x = x + scale("ls1")(y)
     n = norm("norm2")(x)
     y = layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(n)
@@ -75,7 +79,9 @@ class VisionTransformer(nn.Module):
   adapter: Callable[..., nn.Module] | None = None
   adapter_blocks: Sequence[int] = ()
   adapter_scale: float = 0.2
-  remat: bool = False
+  remat: bool | str = False  # layers.REMAT_POLICIES
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+  fused_qkv: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -127,7 +133,7 @@ class VisionTransformer(nn.Module):
     if is_clip:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
 
-    block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+    block_cls = layers.remat_block(VisionBlock, self.remat)
     tapped = {}
     for k in range(1, self.depth + 1):
       with_adapter = self.adapter is not None and k in self.adapter_blocks
@@ -136,7 +142,8 @@ class VisionTransformer(nn.Module):
           act=self.act or ("quick_gelu" if is_clip else "gelu"),
           layer_norm_eps=self.layer_norm_eps, layerscale=not is_clip,
           adapter=self.adapter if with_adapter else None, adapter_scale=self.adapter_scale,
-          num_prefix=self.num_prefix, grid=grid, dtype=self.dtype, name=f"block_{k}",
+          num_prefix=self.num_prefix, grid=grid, attention=self.attention,
+          fused_qkv=self.fused_qkv, dtype=self.dtype, name=f"block_{k}",
       )(x, adapter_context)
       if k in taps:
         tapped[k] = x

@@ -1,0 +1,269 @@
+"""Ahead-of-time compilation of the real train and eval steps for a TPU slice or the local
+backend, with per-chip memory, cost, roofline and collectives. No weights, no data.
+
+    JAX_PLATFORMS=cpu python -m s4eca_jax.aot --config configs/rrsisd.py --topology v5e-4 \
+        [--batch_size 32] [--config.frozen_dtype=bfloat16] [--fit=search]
+    python -m s4eca_jax.aot --config configs/rrsisd.py --topology local   # this machine
+
+--topology: `local` (jax's devices), a Cloud TPU name `v5e-256`, `v6e-8` (chips) or
+`v5p-128`, `v4-8` (TensorCores, two per chip), or a shape `v5e:2x2`, `v5p:4x4x4`. TPU
+targets need libtpu (`pip install s4eca-jax[tpu]`); XLA's TPU compiler then runs on this
+host. The steps are the trainer's own (run_setup.build(abstract=True), make_train_step) on
+the config's mesh; "auto" dtype and attention resolve for the target (bf16, Pallas flash
+attention on TPU). The eval step is the forward pass to thresholded masks (the metric
+sums on top are negligible).
+
+XLA's cost analysis counts the Pallas flash kernel's forward once by the kernel's own
+estimate (its inputs and outputs, no re-reads) and its two backward kernels as nothing:
+the tool adds the rest analytically from the kernels' shapes in the compiled HLO and says
+so. The largest per-chip batch: `--fit=estimate` scales the temporaries linearly from
+this compile (one compile); `--fit=search` bisects on real compiles.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from typing import Any
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a CPU host
+# Compiling touches no TPU: several compiles (a test beside a run) may load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from s4eca_jax import cli, metrics, partition, roofline, run_setup, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s4eca_jax.roofline import GiB, Chip  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+def topology_shape(name: str) -> tuple[str, str]:
+  """`v5e-256` or `v5e:16x16` -> ("v5e", "16x16")."""
+  if ":" in name:
+    generation, shape = name.split(":", 1)
+    return generation, shape
+  match = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
+  if not match:
+    raise ValueError(f"--topology={name!r}: use local, GEN-COUNT (v5e-4, v5e-256, v5p-128, "
+                     "v6e-8, v4-8) or GEN:SHAPE (v5e:2x2, v5p:4x4x4).")
+  generation, count = match.group(1), int(match.group(2))
+  chips = count if generation in roofline.TWO_D else count // 2
+  if chips < 1 or chips & (chips - 1):
+    raise ValueError(f"--topology={name!r}: {chips} chips is not a power of two.")
+  dims = [1, 1] if generation in roofline.TWO_D else [1, 1, 1]
+  i = 0
+  while math.prod(dims) < chips:  # grow the axes in turn: 2x2, 2x4, 4x4, ...
+    dims[i % len(dims)] *= 2
+    i += 1
+  return generation, "x".join(map(str, sorted(dims)))
+
+
+def target_devices(topology: str):
+  """Devices to compile for: jax's own, or a TPU slice's from libtpu's topology."""
+  if topology == "local":
+    return jax.devices()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top  # libtpu only
+
+  generation, shape = topology_shape(topology)
+  try:
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{generation}:{shape}", chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+  except Exception as error:  # pylint: disable=broad-except
+    raise SystemExit(f"error: no TPU topology {generation}:{shape} ({error}). TPU targets "
+                     "need libtpu: pip install 's4eca-jax[tpu]'.") from None
+
+
+# --------------------------------------------------------------------------------------
+# Compiling the steps
+# --------------------------------------------------------------------------------------
+
+
+def abstract_batch(config, batch_size: int, mesh, train_batch: bool) -> dict:
+  side, length = config.image_size, config.max_length
+  data = sharding.batch_sharding(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct((batch_size,) + shape, dtype, sharding=data)
+  batch = {"image": spec((side, side, 3), jnp.float32),
+           "input_ids": spec((length,), jnp.int32), "attention_mask": spec((length,), jnp.int32)}
+  if train_batch:
+    batch["mask"] = spec((side, side), jnp.float32)
+  return batch
+
+
+def compile_steps(config, devices, batch_size: int, *, with_eval: bool = True):
+  """{"train": compiled, "eval": compiled} for `batch_size` images over `devices`."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  backend = devices[0].platform
+  setup = run_setup.build(config, mesh, total_steps=1000, abstract=True, backend=backend)
+  compiled = {}
+  start = time.perf_counter()
+  step = run_setup.make_train_step(setup, config)
+  compiled["train"] = step.lower(setup.state, setup.frozen,
+                                 abstract_batch(config, batch_size, mesh, True)).compile()
+  compiled["train_seconds"] = time.perf_counter() - start
+  if with_eval:
+    threshold = config.get("mask_probability", 0.5)
+
+    def eval_step(trainable, frozen, batch):
+      logits = run_setup.forward(setup, partition.merge(trainable, frozen), batch)["logits"]
+      return metrics.masks_from_logits(logits.astype(jnp.float32), threshold)
+
+    start = time.perf_counter()
+    data = sharding.batch_sharding(mesh)
+    compiled["eval"] = jax.jit(
+        eval_step, in_shardings=(setup.state_shardings["params"], setup.frozen_shardings,
+                                 data), out_shardings=data).lower(
+            setup.state["params"], setup.frozen,
+            abstract_batch(config, batch_size, mesh, False)).compile()
+    compiled["eval_seconds"] = time.perf_counter() - start
+  return compiled, mesh
+
+
+# --------------------------------------------------------------------------------------
+# Reading the executable: memory, cost, Pallas kernels, collectives
+# --------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def describe(name: str, compiled, batch_size: int, chips: int,
+             chip: Chip | None) -> tuple[list[str], dict]:
+  """Lines of the per-chip table for one compiled step, and its numbers."""
+  memory, cost = roofline.memory_of(compiled), roofline.cost_of(compiled)
+  hlo = compiled.as_text()
+  kernels = roofline.flash_kernels_of(hlo)
+  added = roofline.flash_addition(kernels)
+  flops, traffic = cost["flops"] + added["flops"], cost["bytes"] + added["bytes"]
+  per_chip_images = batch_size / chips
+  lines = [f"{name} step: {batch_size} images, {per_chip_images:g} per chip"]
+  if memory:
+    hbm = f" of {chip.hbm_bytes / GiB:.0f} GiB HBM" if chip else ""
+    lines.append(
+        f"  memory per chip: arguments {memory['arguments'] / GiB:.2f} GiB, temporaries "
+        f"{memory['temporaries'] / GiB:.2f} GiB, outputs {memory['outputs'] / GiB:.2f} GiB "
+        f"(aliased {memory['aliased'] / GiB:.2f}), total {memory['total'] / GiB:.2f} GiB{hbm}")
+  lines.append(f"  per chip: {flops / 1e12:.3f} TFLOP, {traffic / 1e9:.2f} GB accessed; per "
+               f"image: {flops / per_chip_images / 1e9:.1f} GFLOP, "
+               f"{traffic / per_chip_images / 1e9:.2f} GB")
+  if kernels:
+    lines.append(f"  of which added analytically for {added['kernels']} Pallas flash-attention "
+                 f"kernels (XLA's cost analysis does not see inside them): "
+                 f"{added['flops'] / 1e12:.3f} TFLOP, {added['bytes'] / 1e9:.2f} GB")
+  numbers = {"memory": memory, "flops": flops, "bytes": traffic, "added": added}
+  if chip:
+    compute_s, memory_s = flops / chip.bf16_flops, traffic / chip.hbm_bandwidth
+    step_s = max(compute_s, memory_s)
+    bound = "memory traffic" if memory_s > compute_s else "compute"
+    lines.append(f"  roofline: compute {compute_s * 1e3:.1f} ms, memory {memory_s * 1e3:.1f} ms "
+                 f"-> {step_s * 1e3:.1f} ms/step, {batch_size / step_s:.0f} images/s "
+                 f"({per_chip_images / step_s:.0f} per chip), bound by {bound}")
+    numbers["roofline_images_per_s"] = batch_size / step_s
+  collectives = roofline.collectives_of(hlo)
+  if collectives:
+    lines.append("  collectives: " + ", ".join(
+        f"{kind} x{count} ({size / 2**20:.1f} MiB)" for kind, (count, size)
+        in sorted(collectives.items())))
+  else:
+    lines.append("  collectives: none")
+  numbers["collectives"] = collectives
+  return lines, numbers
+
+
+def fits(memory: dict, chip: Chip | None) -> bool:
+  return chip is None or not memory or memory["total"] <= chip.hbm_bytes
+
+
+def largest_batch(config, devices, per_chip: int, memory: dict, chip: Chip | None,
+                  mode: str) -> str:
+  """The largest per-chip batch that fits, by linear estimate or by bisection on compiles."""
+  if chip is None or not memory:
+    return "largest batch: unknown (no HBM size for this device)"
+  chips = len(devices)
+  fixed = memory["total"] - memory["temporaries"]
+  per_image = memory["temporaries"] / per_chip
+  estimate = int((chip.hbm_bytes - fixed) // per_image) if per_image else 0
+  if mode == "estimate":
+    return (f"largest per-chip batch (estimate: temporaries scaled linearly from this "
+            f"compile, {per_image / 2**20:.1f} MiB/image, {fixed / GiB:.2f} GiB fixed): "
+            f"{estimate}")
+  def ok(n):
+    try:
+      compiled, _ = compile_steps(config, devices, n * chips, with_eval=False)
+    except Exception as error:  # pylint: disable=broad-except  # out of HBM at compile time
+      print(f"    per-chip batch {n}: does not compile ({str(error).splitlines()[0][:120]})",
+            flush=True)
+      return False
+    total = roofline.memory_of(compiled["train"]).get("total", 0)
+    print(f"    per-chip batch {n}: total {total / GiB:.2f} GiB", flush=True)
+    return total <= chip.hbm_bytes
+  lo, hi = (per_chip, None) if fits(memory, chip) else (0, per_chip)
+  if hi is None:
+    probe = max(estimate, lo + 1)
+    while ok(probe):
+      lo, probe = probe, probe * 2
+    hi = probe
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+  return f"largest per-chip batch (search by compiles): {lo}"
+
+
+def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
+        with_eval: bool = True) -> dict[str, Any]:
+  """Compiles the steps, prints the table; returns its numbers."""
+  if topology != "local" and not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")  # a CPU host compiling for TPU
+  devices = target_devices(topology)
+  chip_name, chip = roofline.chip_of(devices[0])
+  batch_size = batch_size or config.batch_size
+  chips = math.prod(dict(sharding.make_mesh(config.mesh, devices).shape).values())
+  if batch_size % chips:
+    raise SystemExit(f"error: batch {batch_size} is not divisible by the {chips} chips.")
+  compiled, mesh = compile_steps(config, devices, batch_size, with_eval=with_eval)
+  print(f"target {topology}: {chips} x {devices[0].device_kind} ({chip_name or 'unknown'}), "
+        f"mesh {dict(mesh.shape)}; jax {jax.__version__}; compile: train "
+        f"{compiled['train_seconds']:.0f} s" + (
+            f", eval {compiled['eval_seconds']:.0f} s" if with_eval else ""))
+  if chip:
+    print(f"  {chip_name}: {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+          f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, {chip.hbm_bytes / GiB:.0f} GiB (datasheet)")
+  results = {"chips": chips, "chip": chip_name, "batch_size": batch_size}
+  for name in ("train", "eval") if with_eval else ("train",):
+    lines, numbers = describe(name, compiled[name], batch_size, chips, chip)
+    print("\n".join(lines))
+    results[name] = numbers
+  memory = results["train"]["memory"]
+  results["fit"] = largest_batch(config, devices, batch_size // chips, memory, chip, fit)
+  print(results["fit"], flush=True)
+  return results
+
+
+FLAGS = cli.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs)."""
+  cli.define_config()
+  flags.DEFINE_string("topology", "local", "local, v5e-4, v5e-256, v5p-128, v5e:2x2, ...")
+  flags.DEFINE_integer("batch_size", None, "global batch (default: config.batch_size)")
+  flags.DEFINE_enum("fit", "estimate", ["estimate", "search"],
+                    "largest per-chip batch: linear estimate or bisection on compiles")
+  flags.DEFINE_bool("train_only", False, "skip the eval step")
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    topology_shape(FLAGS.topology) if FLAGS.topology != "local" else None
+  except ValueError as error:
+    raise cli.UsageError(str(error)) from None
+  run(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.fit, not FLAGS.train_only)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,185 @@
+"""Benchmark of the trainer's train step and the eval forward on synthetic batches.
+
+    python -m s4eca_jax.bench --config configs/rrsisd.py --batch_size 32 [--steps 20]
+    python -m s4eca_jax.bench --config configs/rrsisd.py:variant=tiny --batch_size 8 \
+        --matmul_size 512                                         # a CPU smoke run
+
+Frozen encoders are random (config.random_init_encoders is forced on): no weights and no
+dataset are needed. Compiles each step once, warms up, then times --steps steps each
+with device synchronisation and prints images/s (median, min, max), model FLOPs per
+image, MFU against a bf16 matmul rate measured in the same run on the same devices, and
+peak device memory. Model FLOPs are XLA's count of the same step lowered with XLA
+attention, so fused kernels (cuDNN, Pallas) are counted by the work they replace.
+--json PATH also writes the numbers there.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from s4eca_jax import cli, metrics, partition, roofline, run_setup, sharding
+
+
+def synthetic_batch(config, batch_size: int, mesh) -> dict:
+  rng = np.random.default_rng(0)
+  side, length = config.image_size, config.max_length
+  batch = {
+      "image": rng.standard_normal((batch_size, side, side, 3), np.float32),
+      "mask": (rng.random((batch_size, side, side)) > 0.7).astype(np.float32),
+      "input_ids": rng.integers(1, 1000, (batch_size, length), dtype=np.int32),
+      "attention_mask": np.ones((batch_size, length), np.int32),
+  }
+  return sharding.global_batch(batch, sharding.batch_sharding(mesh))
+
+
+def timed(fn, args_fn, steps: int, warmup: int) -> list[float]:
+  """Seconds per call, each synchronised; args_fn(out) feeds the next call (donation)."""
+  out = None
+  for _ in range(warmup):
+    out = fn(*args_fn(out))
+    jax.block_until_ready(out)
+  seconds = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    out = fn(*args_fn(out))
+    jax.block_until_ready(out)
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def matmul_rate(size: int, steps: int) -> float:
+  """bf16 FLOP/s of a size^3 matmul on one device, median of `steps` timed calls."""
+  keys = jax.random.split(jax.random.PRNGKey(0))
+  a, b = (jax.random.normal(k, (size, size), jnp.bfloat16) for k in keys)
+  matmul = jax.jit(lambda a, b: a @ b)
+  seconds = timed(matmul, lambda _: (a, b), steps, 2)
+  return 2 * size**3 / statistics.median(seconds)
+
+
+def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
+  """FLOPs of one train step (all devices) from XLA's cost analysis with XLA attention."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.attention = "xla"
+  setup = run_setup.build(config, mesh, total_steps=1000, abstract=True,
+                      backend=jax.default_backend())
+  lowered = run_setup.make_train_step(setup, config).lower(setup.state, setup.frozen, batch)
+  cost = lowered.cost_analysis() or {}
+  return float(cost.get("flops", 0.0))
+
+
+def summary(seconds: list[float], batch_size: int) -> dict:
+  rates = [batch_size / s for s in seconds]
+  return {"images_per_s_median": statistics.median(rates), "images_per_s_min": min(rates),
+          "images_per_s_max": max(rates), "step_ms_median": 1e3 * statistics.median(seconds)}
+
+
+def peak_memory(compiled) -> tuple[float | None, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+  memory = roofline.memory_of(compiled)
+  return memory.get("total"), "compiled memory_analysis (no device memory stats here)"
+
+
+def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: int,
+        matmul_size: int, with_eval: bool = True) -> dict:
+  config.random_init_encoders = True
+  config.batch_size = batch_size
+  mesh = sharding.make_mesh(config.mesh)
+  devices = mesh.devices.size
+  print(f"bench: batch {batch_size}, image {config.image_size}, {devices} x "
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}, compute "
+        f"{config.model.compute_dtype}, attention {config.model.attention}", flush=True)
+  setup = run_setup.build(config, mesh, total_steps=1000)
+  batch = synthetic_batch(config, batch_size, mesh)
+  results = {"batch_size": batch_size, "devices": devices,
+             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+  start = time.perf_counter()
+  train_step = run_setup.make_train_step(setup, config).lower(
+      setup.state, setup.frozen, batch).compile()
+  results["compile_s"] = time.perf_counter() - start
+  state = jax.tree.map(jnp.copy, setup.state)  # the step donates its input state
+  holder = {"state": state}
+
+  def step_args(out):
+    if out is not None:
+      holder["state"] = out[0]
+    return holder["state"], setup.frozen, batch
+
+  results["train"] = summary(timed(train_step, step_args, steps, warmup), batch_size)
+  results["peak_bytes"], results["peak_source"] = peak_memory(train_step)
+
+  if with_eval:
+    threshold = config.get("mask_probability", 0.5)
+
+    def eval_step(trainable, frozen, batch):
+      logits = run_setup.forward(setup, partition.merge(trainable, frozen), batch)["logits"]
+      return metrics.masks_from_logits(logits.astype(jnp.float32), threshold)
+
+    eval_batch = {k: v for k, v in batch.items() if k != "mask"}
+    eval_fn = jax.jit(eval_step).lower(holder["state"]["params"], setup.frozen,
+                                       eval_batch).compile()
+    results["eval"] = summary(timed(
+        eval_fn, lambda _: (holder["state"]["params"], setup.frozen, eval_batch), steps,
+        warmup), batch_size)
+
+  flops = model_flops(config, mesh, batch)
+  results["gflop_per_image"] = flops / batch_size / 1e9
+  results["matmul_tflops"] = matmul_rate(matmul_size, max(steps, 3)) / 1e12
+  achieved = results["train"]["images_per_s_median"] * flops / batch_size
+  results["mfu"] = achieved / (results["matmul_tflops"] * 1e12 * devices)
+
+  train_s = results["train"]
+  print(f"train step: {train_s['images_per_s_median']:.1f} images/s median (min "
+        f"{train_s['images_per_s_min']:.1f}, max {train_s['images_per_s_max']:.1f}; "
+        f"{train_s['step_ms_median']:.1f} ms/step over {steps} steps; compile "
+        f"{results['compile_s']:.0f} s)")
+  if with_eval:
+    e = results["eval"]
+    print(f"eval forward: {e['images_per_s_median']:.1f} images/s median (min "
+          f"{e['images_per_s_min']:.1f}, max {e['images_per_s_max']:.1f})")
+  print(f"model: {results['gflop_per_image']:.1f} GFLOP/image per train step; bf16 "
+        f"{matmul_size}^3 matmul {results['matmul_tflops']:.1f} TFLOP/s per device in this "
+        f"run -> MFU {results['mfu']:.1%}")
+  peak = results["peak_bytes"]
+  print(f"peak memory: {peak / 2**30:.2f} GiB ({results['peak_source']})" if peak else
+        "peak memory: unknown")
+  return results
+
+
+FLAGS = cli.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs)."""
+  cli.define_config()
+  flags.DEFINE_integer("batch_size", None, "global batch (default: config.batch_size)")
+  flags.DEFINE_integer("steps", 10, "timed steps")
+  flags.DEFINE_integer("warmup", 2, "untimed steps after the compile")
+  flags.DEFINE_integer("matmul_size", 8192, "side of the bf16 matmul that sets the rate")
+  flags.DEFINE_bool("train_only", False, "skip the eval forward")
+  flags.DEFINE_string("json", None, "also write the numbers to this JSON file")
+
+
+def main(argv) -> None:
+  del argv
+  config = run_setup.expand_paths(FLAGS.config)
+  results = run(config, FLAGS.batch_size or config.batch_size, FLAGS.steps, FLAGS.warmup,
+                FLAGS.matmul_size, not FLAGS.train_only)
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as out:
+      json.dump(results, out, indent=1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

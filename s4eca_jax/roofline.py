@@ -1,0 +1,153 @@
+"""What a compiled step costs: public chip peaks, memory, FLOPs and bytes (with the Pallas
+flash kernels that XLA's cost analysis does not see), collectives. Used by the AOT tool
+(s4eca_jax.aot) and the benchmark (s4eca_jax.bench).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from s4eca_jax.models import layers
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Public per-chip peaks: dense bf16 matmul FLOP/s, HBM bytes/s, HBM bytes."""
+
+  bf16_flops: float
+  hbm_bandwidth: float
+  hbm_bytes: float
+
+
+CHIPS = {  # datasheet numbers (Cloud TPU system architecture pages; NVIDIA datasheets)
+    "v4": Chip(275e12, 1228e9, 32 * GiB),
+    "v5e": Chip(197e12, 819e9, 16 * GiB),
+    "v5p": Chip(459e12, 2765e9, 95 * GiB),
+    "v6e": Chip(918e12, 1640e9, 32 * GiB),
+    "A100": Chip(312e12, 2039e9, 80 * GiB),  # SXM 80 GB
+    "H100": Chip(989e12, 3350e9, 80 * GiB),  # SXM, dense
+    "H200": Chip(989e12, 4800e9, 141 * GiB),
+}
+_KIND_TO_CHIP = (("v6 lite", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v6e", "v6e"),
+                 ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"), ("a100", "A100"),
+                 ("h100", "H100"), ("h200", "H200"))
+TWO_D = ("v5e", "v6e")  # 2-D tori, named by chips; v4/v5p are 3-D, named by TensorCores
+
+
+def chip_of(device) -> tuple[str | None, Chip | None]:
+  kind = device.device_kind.lower()
+  for key, name in _KIND_TO_CHIP:
+    if key in kind:
+      return name, CHIPS[name]
+  return None, None
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                "all-to-all")
+
+
+def _array_bytes(text: str) -> list[tuple[int, tuple[int, ...]]]:
+  """[(bytes, dims)] of every array type written in `text`."""
+  out = []
+  for dtype, dims in _ARRAY.findall(text):
+    shape = tuple(int(d) for d in dims.split(",") if d)
+    out.append((math.prod(shape) * _DTYPE_BYTES.get(dtype, 4), shape))
+  return out
+
+
+def memory_of(compiled) -> dict[str, float]:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes,
+         "code": m.generated_code_size_in_bytes}
+  out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+  return out
+
+
+def cost_of(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {"flops": float(cost.get("flops", 0.0)),
+          "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def collectives_of(hlo: str) -> dict[str, list[float]]:
+  """{kind: [count, bytes]} of the collectives in optimised HLO (async pairs once)."""
+  found = {}
+  for line in hlo.splitlines():
+    match = re.search(r"=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
+    if not match:
+      continue
+    kind = match.group(2)
+    result_type = match.group(1)
+    sizes = _array_bytes(result_type)
+    if match.group(3):  # async start: result is (operands, outputs[, contexts]); count outputs
+      sizes = sizes[len(sizes) // 2:] if kind != "collective-permute" else sizes[:1]
+    entry = found.setdefault(kind, [0, 0.0])
+    entry[0] += 1
+    entry[1] += sum(b for b, _ in sizes)
+  return found
+
+
+_FLASH_KERNELS = (("flash_mha_bwd_dkv", "dkv"), ("flash_mha_bwd_dq", "dq"),
+                  ("flash_attention", "forward"))
+
+
+def flash_kernels_of(hlo: str) -> list[dict]:
+  """The Pallas flash-attention kernels in optimised HLO: kind, per-device operand sizes.
+
+  Operands (from operand_layout_constraints): q, k, v (b, heads, T, d), then segment
+  ids and, for the backward kernels, the row statistics and dO.
+  """
+  kernels = []
+  for line in hlo.splitlines():
+    if "tpu_custom_call" not in line:
+      continue
+    name = line.strip().lstrip("%").split(" ", 1)[0]
+    kind = next((k for prefix, k in _FLASH_KERNELS if name.startswith(prefix)), None)
+    constraints = re.search(r"operand_layout_constraints=\{(.*?\})\}", line)
+    if kind is None or not constraints:
+      continue
+    operands = _array_bytes(re.sub(r"\{[\d,]*\}", "", constraints.group(1)))
+    if len(operands) < 3:
+      continue
+    kernels.append({"kind": kind, "q": operands[0][1], "k": operands[1][1],
+                    "q_bytes": operands[0][0], "kv_bytes": operands[1][0] + operands[2][0],
+                    "rest_bytes": sum(b for b, _ in operands[3:])})
+  return kernels
+
+
+def flash_addition(kernels: list[dict]) -> dict[str, float]:
+  """FLOPs and bytes of the flash kernels that XLA's cost analysis leaves out.
+
+  XLA counts a kernel's operands and outputs once, and the forward kernel's FLOPs by its
+  own estimate (4 Tq Tk d per batch x head); it does not see the backward kernels' FLOPs
+  (jax's split backward: 8 Tq Tk d for dK and dV with the scores recomputed, 6 Tq Tk d
+  for dQ) nor the blocked re-reads (block 128 on both sequences): the forward and the dQ
+  kernel read K and V once per query block, the dK/dV kernel reads q, dO and the row
+  statistics once per key block.
+  """
+  flops = traffic = 0.0
+  block = layers.PALLAS_BLOCK
+  for kernel in kernels:
+    b, h, tq, d = kernel["q"]
+    tk = kernel["k"][2]
+    q_blocks, k_blocks = max(tq // block, 1), max(tk // block, 1)
+    if kernel["kind"] == "dkv":
+      flops += 8 * b * h * tq * tk * d
+      traffic += (k_blocks - 1) * (kernel["q_bytes"] + kernel["rest_bytes"])
+    else:
+      flops += 6 * b * h * tq * tk * d if kernel["kind"] == "dq" else 0
+      traffic += (q_blocks - 1) * kernel["kv_bytes"]
+  return {"flops": flops, "bytes": traffic, "kernels": len(kernels)}

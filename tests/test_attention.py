@@ -1,0 +1,134 @@
+"""Attention implementations against XLA in f32: Pallas TPU flash attention in interpret
+mode (also under shard_map on the 8 simulated devices), fused q/k/v, remat policies, and
+the config switch reaching every encoder attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tests import run_fixtures
+from s4eca_jax.models import layers, s4eca, vit
+
+
+def _qkv(batch=8, length=29, heads=2, head_dim=8):
+  rng = np.random.default_rng(0)
+  return [jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32)
+          for _ in range(3)]
+
+
+def _key_mask(batch=8, length=29):
+  mask = np.ones((batch, length), bool)
+  mask[1, 20:] = False  # a padded sentence
+  mask[2] = False  # a padded evaluation row: no valid key at all
+  return jnp.asarray(mask)
+
+
+def _reference(q, k, v, key_mask, causal):
+  """Plain softmax attention; a row without valid keys attends to every key."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  allowed = key_mask | ~key_mask.any(-1, keepdims=True)
+  allowed = allowed[:, None, None, :]
+  if causal:
+    allowed = allowed & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+  weights = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_and_pallas_match_reference_and_padded_rows_are_finite(causal):
+  q, k, v = _qkv()
+  key_mask = _key_mask()
+  expected = _reference(q, k, v, key_mask, causal)
+  xla = layers.dot_product_attention(q, k, v, key_mask=key_mask, is_causal=causal)
+  with pltpu.force_tpu_interpret_mode():
+    pallas = layers.dot_product_attention(q, k, v, key_mask=key_mask, is_causal=causal,
+                                          implementation="pallas")
+  assert pallas.shape == xla.shape == q.shape
+  assert bool(jnp.isfinite(xla).all()) and bool(jnp.isfinite(pallas).all())
+  np.testing.assert_allclose(xla, expected, atol=1e-5)
+  np.testing.assert_allclose(pallas, expected, atol=1e-5)
+
+
+def test_pallas_gradients_match_xla():
+  q, k, v = _qkv(batch=2)
+  key_mask = _key_mask(batch=2)
+  loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
+      q, k, v, key_mask=key_mask, implementation=implementation))))
+  with pltpu.force_tpu_interpret_mode():
+    pallas = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(pallas, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_pallas_runs_one_kernel_per_device_under_the_mesh():
+  q, k, v = _qkv()
+  key_mask = _key_mask()
+  mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+  data = NamedSharding(mesh, P(("data", "fsdp")))
+
+  def attend(q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return layers.dot_product_attention(q, k, v, key_mask=key_mask, implementation="pallas")
+
+  with pltpu.force_tpu_interpret_mode():
+    jaxpr = str(jax.make_jaxpr(attend)(q, k, v))
+    got = jax.jit(attend, in_shardings=(data,) * 3)(q, k, v)
+  assert "shard_map" in jaxpr  # XLA does not partition Mosaic kernels
+  np.testing.assert_allclose(got, _reference(q, k, v, key_mask, False), atol=1e-5)
+
+
+def test_resolve_attention_by_backend():
+  assert layers.resolve_attention("auto", "tpu", jnp.bfloat16) == "pallas"
+  assert layers.resolve_attention("auto", "gpu", jnp.bfloat16) == "cudnn"
+  assert layers.resolve_attention("auto", "gpu", jnp.float32) == "xla"  # cuDNN is 16-bit only
+  assert layers.resolve_attention("auto", "cpu", jnp.bfloat16) == "xla"
+  assert layers.resolve_attention("pallas", "cpu", jnp.float32) == "pallas"
+  with pytest.raises(ValueError, match="flash"):
+    layers.resolve_attention("flash", "tpu", jnp.float32)
+
+
+def test_fused_qkv_same_params_same_output():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 16)), jnp.float32)
+  separate = layers.MultiHeadAttention(4)
+  fused = layers.MultiHeadAttention(4, fused_qkv=True)
+  params = separate.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(fused.init(jax.random.PRNGKey(0), x))
+  np.testing.assert_allclose(fused.apply(params, x), separate.apply(params, x), atol=1e-5)
+  matmuls = lambda module: str(jax.make_jaxpr(lambda p: module.apply(p, x))(params)).count(
+      "dot_general")
+  assert (matmuls(separate), matmuls(fused)) == (6, 4)  # q, k, v in one; scores, values, out
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+def test_remat_policies_keep_gradients(policy):
+  images = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, 16, 3)), jnp.float32)
+
+  def grad_of(remat):
+    model = vit.VisionTransformer("dinov2", width=16, depth=2, num_heads=2, mlp_dim=32,
+                                  patch_size=8, pretrain_grid=2, remat=remat)
+    params = model.init(jax.random.PRNGKey(0), images)
+    loss = lambda x: jnp.sum(model.apply(params, x)["tokens"] ** 2)
+    return jax.grad(loss)(images), str(jax.make_jaxpr(jax.grad(loss))(images))
+
+  plain, _ = grad_of("none")
+  rematerialised, jaxpr = grad_of(policy)
+  assert "remat" in jaxpr or "checkpoint" in jaxpr
+  np.testing.assert_allclose(rematerialised, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_config_attention_reaches_every_encoder_attention():
+  """attention="pallas" puts the kernel in every image and text block and every decoder
+  pixel self-attention (numerics: the kernel tests above)."""
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  inputs = s4eca.example_inputs(config, batch_size=2)
+  kernels = {}
+  for attention in ("xla", "pallas"):
+    config.model.attention = attention
+    model = s4eca.build_model(config)
+    jaxpr = str(jax.make_jaxpr(lambda rng: model.init(rng, *inputs))(jax.random.PRNGKey(0)))
+    kernels[attention] = jaxpr.count("name=flash_attention")
+  blocks = config.image_encoder.depth + config.text_encoder.depth
+  assert kernels == {"xla": 0, "pallas": blocks + config.model.decoder.num_layers}

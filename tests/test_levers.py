@@ -1,0 +1,41 @@
+"""Performance switches of the trainer's set-up: frozen params stored in bf16, the
+abstract (weightless) build that the AOT tool compiles from, donation."""
+
+import jax
+import jax.numpy as jnp
+
+from tests import run_fixtures
+from s4eca_jax import run_setup, sharding
+
+
+def _dtypes(tree):
+  return {leaf.dtype for leaf in jax.tree.leaves(tree)}
+
+
+def test_frozen_bf16_and_abstract_build():
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  config.frozen_dtype = "bfloat16"
+  mesh = sharding.make_mesh((("data", 1),))
+  real = run_setup.build(config, mesh, total_steps=10)
+  abstract = run_setup.build(config, mesh, total_steps=10, abstract=True)
+  assert _dtypes(real.frozen) == {jnp.dtype(jnp.bfloat16)}
+  assert _dtypes(real.state["params"]) == {jnp.dtype(jnp.float32)}  # trainable stays f32
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(
+      (abstract.frozen, abstract.state)))
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes(abstract.frozen) == shapes(real.frozen)
+  assert shapes(abstract.state) == shapes(real.state)
+
+
+def test_donation_switch():
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  mesh = sharding.make_mesh((("data", 1),))
+  setup = run_setup.build(config, mesh, total_steps=10, abstract=True)
+  batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in {
+      "image": ((2, 64, 64, 3), jnp.float32), "mask": ((2, 64, 64), jnp.float32),
+      "input_ids": ((2, 22), jnp.int32), "attention_mask": ((2, 22), jnp.int32)}.items()}
+  donated = lambda: "tf.aliasing_output" in run_setup.make_train_step(setup, config).lower(
+      setup.state, setup.frozen, batch).as_text()
+  assert donated()
+  config.donate_state = False
+  assert not donated()
