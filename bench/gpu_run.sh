@@ -32,7 +32,7 @@ if [ -n "${GPU_RUN_TINY:-}" ]; then
   CONFIG=configs/rrsisd.py:variant=tiny; BATCH=8; STEPS=2; MATMUL=256; LIMIT=300
   PROBE_ARGS="--tiny"
 else
-  CONFIG=configs/rrsisd.py; BATCH=32; STEPS=20; MATMUL=8192; LIMIT=240
+  CONFIG=configs/rrsisd.py; BATCH=32; STEPS=20; MATMUL=8192; LIMIT=${LIMIT:-240}
   PROBE_ARGS="--skip_compile"  # torch.compile, if torch is there, costs minutes
 fi
 
