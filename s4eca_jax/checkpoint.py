@@ -2,7 +2,9 @@
 
 Each step directory under `<workdir>/checkpoints/` holds
   state: the train state pytree (trainable params, optimizer state, step, RNG key);
-  data:  the input iterator's state (JSON), so a resumed run sees the same next batch.
+  data:  every process's input iterator state, one JSON file each
+         (process_<i>-of-<n>.json, as grain's own orbax handler names them), so a resumed
+         run sees the same next batches on every process.
 The frozen encoders are never saved: they are reloaded from their source at start.
 Saves are asynchronous; `wait()` (also run by `close()`) blocks until they are on disk.
 The last `keep` checkpoints are kept, plus the best one by `best_metric` when evaluations
@@ -11,10 +13,13 @@ report it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any
 
+import jax
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -32,10 +37,52 @@ def _decode_data_state(state: Any) -> Any:
   return state
 
 
+class ProcessDataHandler(ocp.CheckpointHandler):
+  """Each process writes and reads its own iterator state (orbax's JsonSave writes from
+  the primary process only, which would lose the other processes' positions).
+
+  A checkpoint written by a different number of processes restores when all its
+  processes saved the same state: the train pipeline's state counts batches taken
+  (`{"next_index": k}`), and every process takes its slice of one global shuffled order,
+  so the same k means the same global position whatever the process count.
+  """
+
+  def save(self, directory: epath.Path, args: "DataSave"):
+    index, count = jax.process_index(), jax.process_count()
+    state = json.dumps(_encode_data_state(args.state))
+    (directory / f"process_{index}-of-{count}.json").write_text(state)
+
+  def restore(self, directory: epath.Path, args: "DataRestore" = None):
+    del args
+    index, count = jax.process_index(), jax.process_count()
+    own = directory / f"process_{index}-of-{count}.json"
+    if own.exists():
+      return _decode_data_state(json.loads(own.read_text()))
+    files = sorted(directory.glob("process_*-of-*.json"))
+    states = {file.read_text() for file in files}
+    if len(states) != 1:
+      raise ValueError(
+          f"{directory} holds the data iterator states of {len(files)} processes, which "
+          f"differ, and this run has {count}: resume with the process count that wrote it.")
+    return _decode_data_state(json.loads(states.pop()))
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the run's retention rules."""
 
-  def __init__(self, workdir: str | Path, *, keep: int = 3, best_metric: str | None = None,
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, best_metric: str | None = None,
                best_mode: str = "max", async_save: bool = True):
     policies = [checkpoint_managers.LatestN(keep)]
     best_fn = None
@@ -48,7 +95,8 @@ class Checkpointer:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=best_fn, best_mode=best_mode,  # also makes orbax store the metrics
         enable_async_checkpointing=async_save, create=True)
-    self.directory = Path(workdir).absolute() / "checkpoints"
+    workdir = epath.Path(workdir)  # local or gs://
+    self.directory = (workdir if workdir.is_absolute() else workdir.absolute()) / "checkpoints"
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
@@ -67,18 +115,17 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> bool:
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None  # a save without an evaluation is kept only as one of the latest
-    data = json.loads(json.dumps(_encode_data_state(data_state)))
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data)),
+                                      data=DataSave(data_state)),
         metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """Restores `state` with the shardings/dtypes of `abstract_state`, and the data state."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=ocp.args.JsonRestore()))
-    return restored["state"], _decode_data_state(restored["data"])
+                                      data=DataRestore()))
+    return restored["state"], restored["data"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

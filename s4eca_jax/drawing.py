@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -69,38 +70,64 @@ def overlay_grid(images: np.ndarray, gt_masks: np.ndarray, pred_masks: np.ndarra
       caption = f"{caption}   [IoU {float(ious[row]):.2f}]"
     for i, line in enumerate(textwrap.wrap(caption, width=3 * tile // 6)[:2]):
       draw.text((4, top + tile + 2 + 13 * i), line, fill="black", font=font)
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
-  return path
+  return _save_png(canvas, path)
 
 
 def curve_png(steps, values, path: str | Path, *, title: str, size=(480, 300)) -> Path:
   """A minimal line plot (no matplotlib): values against steps, log scale if positive."""
+  return curves_png({"": (steps, values)}, path, title=title, size=size)
+
+
+_CURVE_COLOURS = ((30, 80, 200), (220, 60, 40), (40, 160, 60), (150, 60, 190),
+                  (230, 140, 20), (20, 160, 170), (120, 120, 120), (200, 40, 140))
+
+
+def curves_png(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+               path: str | Path, *, title: str, size=(480, 300)) -> Path:
+  """Line plot of several {label: (steps, values)} curves on shared axes (log scale if
+  every value is positive), with a legend when there are labels; e.g. a sweep's val
+  curves."""
   width, height = size
   canvas = Image.new("RGB", size, "white")
   draw = ImageDraw.Draw(canvas)
   draw.text((8, 4), title, fill="black", font=ImageFont.load_default())
-  steps = np.asarray(steps, np.float64)
-  values = np.asarray(values, np.float64)
-  if len(values) >= 2:
-    log = bool((values > 0).all())
-    ys = np.log10(values) if log else values
-    lo, hi = float(ys.min()), float(ys.max())
+  series = [(label, np.asarray(x, np.float64), np.asarray(y, np.float64))
+            for label, (x, y) in curves.items() if len(y)]
+  if series and sum(len(y) for _, _, y in series) >= 2:
+    all_steps = np.concatenate([x for _, x, _ in series])
+    all_values = np.concatenate([y for _, _, y in series])
+    log = bool((all_values > 0).all())
+    scale = np.log10 if log else (lambda v: v)
+    lo, hi = float(scale(all_values).min()), float(scale(all_values).max())
     hi = hi if hi > lo else lo + 1.0
+    x_lo, x_span = all_steps.min(), max(all_steps.max() - all_steps.min(), 1.0)
     left, right, top, bottom = 50, width - 10, 24, height - 24
-    xs = left + (steps - steps.min()) / max(steps.max() - steps.min(), 1.0) * (right - left)
-    yy = bottom - (ys - lo) / (hi - lo) * (bottom - top)
     draw.rectangle([left, top, right, bottom], outline="gray")
-    draw.line(list(zip(xs.tolist(), yy.tolist())), fill=(30, 80, 200), width=2)
-    label = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
-    draw.text((2, top), label(hi), fill="black")
-    draw.text((2, bottom - 10), label(lo), fill="black")
-    draw.text((left, bottom + 4), f"step {int(steps.min())}", fill="black")
-    draw.text((right - 60, bottom + 4), f"step {int(steps.max())}", fill="black")
-  path = Path(path)
+    for number, (label, steps, values) in enumerate(series):
+      colour = _CURVE_COLOURS[number % len(_CURVE_COLOURS)]
+      xs = left + (steps - x_lo) / x_span * (right - left)
+      yy = bottom - (scale(values) - lo) / (hi - lo) * (bottom - top)
+      points = list(zip(xs.tolist(), yy.tolist()))
+      if len(points) > 1:
+        draw.line(points, fill=colour, width=2)
+      for x, y in points:  # single evaluations show as dots
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+      if label:
+        draw.text((left + 6, top + 4 + 12 * number), label, fill=colour)
+    label_of = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
+    draw.text((2, top), label_of(hi), fill="black")
+    draw.text((2, bottom - 10), label_of(lo), fill="black")
+    draw.text((left, bottom + 4), f"step {int(all_steps.min())}", fill="black")
+    draw.text((right - 60, bottom + 4), f"step {int(all_steps.max())}", fill="black")
+  return _save_png(canvas, path)
+
+
+def _save_png(canvas: Image.Image, path: str | Path) -> Path:
+  """Writes through etils.epath, so a workdir on gs:// takes overlays and curves too."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
+  with path.open("wb") as f:
+    canvas.save(f, format="PNG")
   return path
 
 
@@ -227,7 +254,4 @@ def selection_png(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
     weights = np.asarray(selected["scale_weights"]).mean(axis=-1)  # (K,) mean over channels
     paste(_bars_panel(weights, labels, tile, font), row, len(labels),
           f"block {block}, scale weights")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
-  return path
+  return _save_png(canvas, path)

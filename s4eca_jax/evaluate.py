@@ -9,7 +9,10 @@ its own and the CLI restores them from a workdir.
 Both protocols of SPEC.md: `input` (at the network input size, the LAVT/RMSIN protocol
 of published tables) and `original` (logits resized to each image's original size). With
 `--per_category` (default on) a per-category table follows. Results are printed and saved
-to W/eval_<split>_step<N>.json. The trainer uses `Evaluator` for its periodic evaluations.
+to W/eval_<split>_step<N>.json. Multi-host: run the same command on every host (the run's
+config.distributed and mesh apply); metrics are sums over global arrays, exact across
+processes, and process 0 prints and writes. The trainer uses `Evaluator` for its periodic
+evaluations.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from etils import epath
 from jax.experimental import multihost_utils
 
 import tfds_builders  # registers the builders whose category names the tables use
@@ -131,8 +135,8 @@ class Evaluator:
     expressions = [pipeline.example_text(self.source[int(i)]["expression"])
                    for i in host_batch["index"][:count]]
     ious = [metrics.referring_metrics([p], [g])["mIoU"] for p, g in zip(pred[:count], gt)]
-    return drawing.overlay_grid(images, gt, pred[:count], expressions,
-                             Path(workdir) / "overlays" / f"{self.split}_step{step:07d}.png",
+    path = epath.Path(workdir) / "overlays" / f"{self.split}_step{step:07d}.png"
+    return drawing.overlay_grid(images, gt, pred[:count], expressions, path,
                              ious=ious)
 
 
@@ -180,7 +184,7 @@ def evaluate_run(workdir: str | Path, *, split: str = "test", which: str = "best
                  data_dir: str | None = None, batch_size: int | None = None,
                  per_category_table: bool = True) -> dict[str, Any]:
   """Evaluates checkpoint `which` of a trained workdir on `split`; prints and saves."""
-  workdir = Path(run_setup.expand_path(workdir))
+  workdir = epath.Path(run_setup.expand_path(workdir))
   config, setup = run_setup.load_run(workdir, {"data_dir": run_setup.expand_path(data_dir),
                                                "eval_batch_size": batch_size})
   trainable, step = run_setup.restore_trainable(setup, config, workdir, which)
@@ -189,21 +193,22 @@ def evaluate_run(workdir: str | Path, *, split: str = "test", which: str = "best
   results = evaluator.run(setup.eval_params(trainable), step=step, workdir=workdir,
                           details=True)
   rows = results.pop("rows")
-  print(f"\n{config.dataset} {split}, checkpoint step {step}")
+  log = run_setup.log  # every process computes the tables; process 0 prints them
+  log(f"\n{config.dataset} {split}, checkpoint step {step}")
   table = {protocol: {k.rsplit("/", 1)[-1]: v for k, v in results.items()
                       if k.startswith(f"{split}/") and
                       ("/original/" in k) == (protocol == "original")}
            for protocol in PROTOCOLS}
-  print(format_table(table, "protocols (input: at the network input size; original: at "
+  log(format_table(table, "protocols (input: at the network input size; original: at "
                             "the image's size)"))
   if per_category_table:
     by_category = per_category(rows, evaluator.source, category_names(config))
     results["per_category"] = by_category
-    print(format_table(by_category, "per category (original protocol)"))
+    log(format_table(by_category, "per category (original protocol)"))
   if jax.process_index() == 0:
     out = workdir / f"eval_{split}_step{step}.json"
     out.write_text(json.dumps(results, indent=1))
-    print(f"saved {out}")
+    log(f"saved {out}")
   return results
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import jax
+from etils import epath
 
 
 class MetricWriter:
@@ -18,7 +19,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str | Path):
     self.enabled = jax.process_index() == 0
-    self.workdir = Path(workdir)
+    self.workdir = epath.Path(workdir)  # local or gs://
     self._tb = None
     if self.enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,7 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with open(self.workdir / "metrics.jsonl", "a") as f:
+    with (self.workdir / "metrics.jsonl").open("a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, int(step))
@@ -42,7 +43,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-  path = Path(workdir) / "metrics.jsonl"
+  path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

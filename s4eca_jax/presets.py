@@ -146,9 +146,15 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
       step_boundaries=(0.7, 0.9), step_decay=0.1)  # step: fractions of the run
 
   # Run: mesh, schedule of logs / evaluations / checkpoints (steps), input workers.
-  config.mesh = (("data", -1), ("fsdp", 1))  # -1: all remaining devices
+  # -1: all remaining devices; multi-slice TPU: (name, per-slice size, slices) entries.
+  config.mesh = (("data", -1), ("fsdp", 1))
   config.fsdp_min_size = 2**18  # params with at least this many elements split over fsdp
-  config.distributed = False  # True on multi-host TPU pods / multi-node GPU
+  # Multi-host (jax.distributed): True alone auto-detects TPU pods and SLURM; a hand-made
+  # cluster also names its coordinator "host:port", the process count and this process.
+  config.distributed = False
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
   config.tokenizer = placeholder(str)  # tokenizer folder; default: text_encoder.checkpoint
   config.total_steps = placeholder(int)  # default: num_epochs x steps per epoch
   config.log_every = 10 if tiny else 50

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 
 from s4eca_jax import (checkpoint, export_format, losses, optimizer, partition, sharding,
                        text_tokenizer)
@@ -67,12 +68,9 @@ def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return config
 
 
-def config_from_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file in "path/to/file.py[:arg]", loaded by path.
-
-  The same loading as the commands' --config flag: any working directory, nothing of the
-  repository on sys.path.
-  """
+def config_module(spec: str | os.PathLike) -> tuple[Any, str]:
+  """(module, arg) of a config file "path/to/file.py[:arg]", loaded by path: any working
+  directory, nothing of the repository on sys.path."""
   path, _, arg = os.fspath(spec).partition(":")
   path = Path(expand_path(path))
   if not path.is_file():
@@ -80,19 +78,26 @@ def config_from_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(f"_s4eca_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module, arg
+
+
+def config_from_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file in "path/to/file.py[:arg]", as the commands'
+  --config flag loads it."""
+  module, arg = config_module(spec)
   config = module.get_config(arg) if arg else module.get_config()
   return expand_paths(config)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
   if jax.process_index() == 0:
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # local or gs://
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json(indent=1))
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
+  path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run "
                             "(python -m s4eca_jax.train --workdir ...)?")
@@ -291,6 +296,7 @@ def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None):
     for key, value in (overrides or {}).items():
       if value is not None:
         config[key] = value
+  sharding.initialize_distributed(config)  # evaluate / predict on many hosts, as trained
   mesh = sharding.make_mesh(config.mesh)
   return config, build(config, mesh, total_steps=1)
 

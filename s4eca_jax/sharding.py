@@ -1,8 +1,9 @@
 """Device mesh and shardings: the same code on 1 CPU, 8 simulated CPUs, GPUs and TPU pods.
 
 The mesh comes from the config, e.g. `config.mesh = (("data", -1), ("fsdp", 1))` (-1: all
-remaining devices). Batches are split over every mesh axis (data and fsdp both carry
-examples). Parameters are replicated, except that leaves with at least
+remaining devices; a third number per axis spreads it over TPU slices, see make_mesh).
+Multi-host runs start with `initialize_distributed`. Batches are split over every mesh
+axis (data and fsdp both carry examples). Parameters are replicated, except that leaves with at least
 `config.fsdp_min_size` elements are split over "fsdp" along their largest dimension that
 the axis size divides (ZeRO-3 style: XLA all-gathers them where they are used).
 """
@@ -13,42 +14,69 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """Multi-host start-up (TPU pods, multi-node GPU); safe to call twice."""
-  if not enabled:
-    return
-  try:
-    jax.distributed.initialize()
-  except RuntimeError as e:  # already initialised by an earlier call
-    if "already" not in str(e).lower():
-      raise
+def initialize_distributed(config) -> None:
+  """Multi-host start-up behind `config.distributed`; safe to call twice.
 
-
-def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
-  """Mesh with named axes; one size may be -1 to take the remaining devices.
-
-  On a single process, a mesh smaller than the host uses its first devices.
+  With only `distributed=True`, JAX detects the cluster (TPU pod metadata, SLURM's
+  environment, Open MPI). A hand-made cluster (several processes on one machine, or hosts
+  without a scheduler) names the coordinator "host:port", the process count and this
+  process's id in config.coordinator_address / num_processes / process_id.
   """
-  devices = jax.devices() if devices is None else devices
-  names = [name for name, _ in axes]
-  sizes = [int(size) for _, size in axes]
+  if not config.get("distributed", False) or jax.distributed.is_initialized():
+    return
+  # CPU processes exchange collectives over gloo (no-op for the GPU and TPU clients).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  explicit = {"coordinator_address": config.get("coordinator_address") or None,
+              "num_processes": config.get("num_processes") or None,
+              "process_id": config.get("process_id")}
+  if explicit["process_id"] is not None and explicit["process_id"] < 0:
+    explicit["process_id"] = None
+  jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+
+
+def _axis_sizes(sizes, num_devices, what):
   known = int(np.prod([s for s in sizes if s != -1]))
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {axes}: at most one axis may be -1.")
+    raise ValueError(f"mesh {what}: at most one axis may be -1.")
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh {axes}: {len(devices)} devices are not divisible by {known}.")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) < len(devices) and jax.process_count() == 1:
-    devices = devices[:int(np.prod(sizes))]  # e.g. a 1-device run on a multi-device host
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, "
+    if num_devices % known:
+      raise ValueError(f"mesh {what}: {num_devices} devices are not divisible by {known}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  return sizes
+
+
+def make_mesh(axes: Sequence[tuple], devices=None) -> Mesh:
+  """Mesh with named axes from `config.mesh`; one size may be -1 for the remaining devices.
+
+  Entries are (name, size), or (name, size, dcn_size) for multi-slice TPU (or several GPU
+  hosts) where an axis spans slices: `size` counts devices within a slice (ICI), dcn_size
+  the slices along that axis (data-center network), so the axis has size * dcn_size
+  devices. Device order comes from jax.make_mesh / mesh_utils, which follow the physical
+  topology (torus neighbours on TPU). On a single process, a mesh smaller than the host
+  uses its first devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names = [axis[0] for axis in axes]
+  dcn = [int(axis[2]) if len(axis) > 2 else 1 for axis in axes]
+  num_slices = int(np.prod(dcn))
+  if len(devices) % num_slices:
+    raise ValueError(f"mesh {axes}: {len(devices)} devices cannot form {num_slices} slices.")
+  sizes = _axis_sizes([int(axis[1]) for axis in axes], len(devices) // num_slices, axes)
+  total = int(np.prod(sizes)) * num_slices
+  if total < len(devices) and jax.process_count() == 1:
+    devices = devices[:total]  # e.g. a 1-device run on a multi-device host
+  if total != len(devices):
+    raise ValueError(f"mesh {dict(zip(names, sizes))} x dcn {dcn} needs {total} devices, "
                      f"found {len(devices)}; fix config.mesh (use -1 for 'the rest').")
-  device_grid = np.asarray(devices).reshape(sizes)
-  return Mesh(device_grid, names)
+  if num_slices > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices,
+                                                process_is_granule=devices[0].platform != "tpu")
+    return Mesh(grid, names)
+  return jax.make_mesh(sizes, names, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

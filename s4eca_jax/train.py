@@ -9,7 +9,9 @@ config.json, checkpoints/ (orbax: trainable params, optimizer state, step, RNG, 
 iterator state; never the frozen encoders), metrics.jsonl, tb/ (TensorBoard events) and
 overlays/ (PNG grids at each evaluation). A run resumes from its newest checkpoint.
 SIGTERM/SIGINT save a checkpoint and stop; a non-finite loss stops the run with the last
-good checkpoint kept.
+good checkpoint kept. On many hosts (config.distributed) every process runs this same
+command; a stop request on any one of them is agreed at the next step, so all save the
+same step and stop. W may be a bucket (gs://...).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from s4eca_jax import checkpoint, cli, evaluate, metric_writer, run_setup, sharding
@@ -93,6 +97,17 @@ class StopRequest:
   def __bool__(self):
     return self.signal_name is not None
 
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop. Every process calls this at every step, so
+    all of them save that same step and stop together: a host that stopped alone would
+    leave the others waiting in a collective."""
+    if jax.process_count() == 1:
+      return bool(self)
+    asked = multihost_utils.process_allgather(np.int32(bool(self)))
+    if asked.any() and not self:
+      self.signal_name = f"a stop request on process {int(np.argmax(asked))}"
+    return bool(asked.any())
+
 
 # --------------------------------------------------------------------------------------
 # The loop
@@ -103,7 +118,7 @@ def _fetch(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> dict[str, Any]:
   """Trains (or resumes) a run in `workdir`.
 
   Returns {"step", "last" (train metrics), "eval" (last evaluation), "stopped_by"}. A stop
@@ -111,12 +126,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   boundary with a checkpoint.
   """
   with StopRequest() as stop:
-    return _train(config, Path(workdir), stop)
+    return _train(config, epath.Path(workdir), stop)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: StopRequest):
   # ---------------------------------------------------------------- config
-  sharding.initialize_distributed(config.get("distributed", False))
+  sharding.initialize_distributed(config)
   run_setup.save_config(config, workdir)
   log(f"workdir {workdir}: {jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.default_backend()} device(s)")
@@ -214,7 +229,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: StopRequest):
         saved = False
       if step == stop_after and step < total_steps:
         stop.signal_name = "config.stop_after_steps"
-      if stop:
+      if stop.agreed():
         log(f"\n{stop.signal_name}: stopping at step {step} with a checkpoint.")
         if not saved:
           save()

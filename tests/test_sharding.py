@@ -1,6 +1,7 @@
 """Mesh construction and parameter sharding rules (8 simulated CPU devices)."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -38,7 +39,8 @@ def test_global_batch_is_split_over_all_devices():
 
 
 def test_distributed_init_is_optional():
-  sharding.initialize_distributed(False)  # a no-op on one host
+  config = ml_collections.ConfigDict({"distributed": False})
+  sharding.initialize_distributed(config)  # a no-op on one host
   assert jax.process_count() == 1
 
 
