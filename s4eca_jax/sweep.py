@@ -131,24 +131,14 @@ def main(argv) -> None:
     hyper.apply(FLAGS.config, point)  # every field exists: fail before training any
   write_plan(root, points)  # the same file from every process of a multi-host sweep
   if FLAGS.print:
-    base = config_flags.get_override_values(FLAGS["config"])
-    print("\n".join(commands(spec, _flatten(base), root, points)))
+    base = config_flags.get_override_values(FLAGS["config"])  # flat {"a.b": value}
+    print("\n".join(commands(spec, base, root, points)))
     return
   results = run_points(run_setup.expand_paths(FLAGS.config), root, points)
   if results and results[-1]["stopped_by"]:
     raise cli.Stopped(f"sweep stopped by {results[-1]['stopped_by']} in point "
                       f"{len(results)}; rerun the same command to go on.")
   run_setup.log(summary(root, FLAGS.config.get("eval_split", "val")))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from s4eca_jax import checkpoint, metric_writer, run_setup, sharding, train
 from tests import run_fixtures
 
 STEPS = 6
-TIMEOUT = 240  # seconds for one two-process run; a hang (processes that disagree) fails
+TIMEOUT = 600  # seconds for one two-process run; a hang (processes that disagree) fails
 
 
 def _free_port() -> int:
@@ -40,7 +40,8 @@ def _start(workdir, dataset, arg, cache_dir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(run_fixtures.REPO),
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   processes = []
   for index in range(2):
     log = workdir.parent / f"{workdir.name}.p{index}.{time.monotonic_ns()}.log"
@@ -150,7 +151,9 @@ def test_resume_on_another_mesh_continues_exactly(two_process, reference, tiny_d
                                                   tmp_path, cache_dir):
   workdir = tmp_path / "resumed"
   shutil.copytree(two_process, workdir)
-  results = _run_two(workdir, tiny_dataset, "data=2,fsdp=2", cache_dir)
+  # data x fsdp as a hybrid mesh: fsdp over each process's 2 devices, data across the
+  # processes (mesh_utils.create_hybrid_device_mesh, as for multi-slice TPU).
+  results = _run_two(workdir, tiny_dataset, "data=1,dcn=2,fsdp=2", cache_dir)
   for code, output in results:
     assert code == 0, output[-3000:]
   assert "resumed from step 3" in results[0][1]

@@ -67,7 +67,7 @@ def test_sweep_print_gives_one_command_per_point(tmp_path):
   lines = process.stdout.strip().splitlines()
   assert len(lines) == 2
   for index, lr in enumerate(("0.0001", "0.0003")):
-    assert "-m s4eca_jax.train" in lines[index]
+    assert "-m s4eca_jax.train" in lines[index] and "rrsisd.py:variant=tiny" in lines[index]
     assert f"--workdir={tmp_path}/{index:02d}_lr={lr}" in lines[index]
     assert f"--config.optimizer.lr={lr}" in lines[index]
     assert "--config.total_steps=2" in lines[index]  # the sweep's own overrides carry over
