@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
 def initialize_distributed(config) -> None:
@@ -72,11 +72,14 @@ def make_mesh(axes: Sequence[tuple], devices=None) -> Mesh:
   if total != len(devices):
     raise ValueError(f"mesh {dict(zip(names, sizes))} x dcn {dcn} needs {total} devices, "
                      f"found {len(devices)}; fix config.mesh (use -1 for 'the rest').")
+  # Auto axes: shardings are the jit's in/out and param specs (jax.make_mesh's default,
+  # Explicit, would type every array's sharding).
+  axis_types = (AxisType.Auto,) * len(names)
   if num_slices > 1:
     grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices,
                                                 process_is_granule=devices[0].platform != "tpu")
-    return Mesh(grid, names)
-  return jax.make_mesh(sizes, names, devices=devices)
+    return Mesh(grid, names, axis_types=axis_types)
+  return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
