@@ -25,7 +25,7 @@ from s4eca_jax import checkpoint, metric_writer, run_setup, sharding, train
 from tests import run_fixtures
 
 STEPS = 6
-TIMEOUT = 600  # seconds for one two-process run; a hang (processes that disagree) fails
+TIMEOUT = 1800  # seconds for one two-process run; a hang (processes that disagree) fails
 
 
 def _free_port() -> int:
@@ -116,10 +116,12 @@ def reference(tiny_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_process(tiny_dataset, tmp_path_factory, cache_dir):
+def two_process(tiny_dataset, tmp_path_factory, cache_dir, request):
   """Two processes x 2 devices (mesh data=4): steps 1-3 of 6, evaluated and stopped at 3."""
   workdir = tmp_path_factory.mktemp("multihost") / "two"
-  results = _run_two(workdir, tiny_dataset, "stop=3,eval_every=3", cache_dir)
+  processes = _start(workdir, tiny_dataset, "stop=3,eval_every=3", cache_dir)
+  request.getfixturevalue("reference")  # trains meanwhile, in this process
+  results = _wait(processes)
   for code, output in results:
     assert code == 75, output[-3000:]  # stopped by config.stop_after_steps, resumable
   return workdir
