@@ -62,8 +62,9 @@ class ProcessDataHandler(ocp.CheckpointHandler):
     states = {file.read_text() for file in files}
     if len(states) != 1:
       raise ValueError(
-          f"{directory} holds the data iterator states of {len(files)} processes, which "
-          f"differ, and this run has {count}: resume with the process count that wrote it.")
+          f"{directory} holds {len(files)} data iterator states, not one common to all "
+          f"processes, and this run has {count} processes: resume with the process count "
+          "that wrote it.")
     return _decode_data_state(json.loads(states.pop()))
 
 
@@ -82,8 +83,9 @@ class DataRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the run's retention rules."""
 
-  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, best_metric: str | None = None,
-               best_mode: str = "max", async_save: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3,
+               best_metric: str | None = None, best_mode: str = "max",
+               async_save: bool = True):
     policies = [checkpoint_managers.LatestN(keep)]
     best_fn = None
     if best_metric:
