@@ -3,9 +3,9 @@
 The mesh comes from the config, e.g. `config.mesh = (("data", -1), ("fsdp", 1))` (-1: all
 remaining devices; a third number per axis spreads it over TPU slices, see make_mesh).
 Multi-host runs start with `initialize_distributed`. Batches are split over every mesh
-axis (data and fsdp both carry examples). Parameters are replicated, except that leaves with at least
-`config.fsdp_min_size` elements are split over "fsdp" along their largest dimension that
-the axis size divides (ZeRO-3 style: XLA all-gathers them where they are used).
+axis (data and fsdp both carry examples). Parameters are replicated, except that leaves
+with at least `config.fsdp_min_size` elements are split over "fsdp" along their largest
+dimension that the axis size divides (ZeRO-3 style: XLA all-gathers them where they are used).
 """
 
 from __future__ import annotations
