@@ -84,7 +84,8 @@ def test_changed_shape_rerun_is_refused_and_schedule_change_recorded(
 @pytest.mark.parametrize("field, value", [("total_steps", 0), ("batch_size", 0),
                                           ("eval_batch_size", 0)])
 def test_unusable_config_values_are_refused(tiny_dataset, tmp_path, field, value):
-  config = run_fixtures.tiny_config(tiny_dataset, total_steps=STEPS, **{field: value})
+  config = run_fixtures.tiny_config(tiny_dataset, total_steps=STEPS)
+  config[field] = value
   with pytest.raises(run_setup.ConfigError, match=f"config.{field}={value}"):
     train.train(config, tmp_path / "w")
   assert not (tmp_path / "w" / "config.json").exists()
