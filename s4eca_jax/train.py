@@ -7,7 +7,10 @@ Phases: config -> mesh -> data -> model + frozen encoder weights -> sharding -> 
 (with periodic evaluation) -> final evaluation. Everything a run writes lands in W:
 config.json, checkpoints/ (orbax: trainable params, optimizer state, step, RNG, data
 iterator state; never the frozen encoders), metrics.jsonl, tb/ (TensorBoard events) and
-overlays/ (PNG grids at each evaluation). A run resumes from its newest checkpoint.
+overlays/ (PNG grids at each evaluation), run_history.jsonl (each start; the schedule
+fields a rerun changed). config.json is written once, by the run that creates W: a rerun
+with other model or data fields is refused. A run resumes from its newest intact
+checkpoint (damaged ones are named and moved to checkpoints_damaged/).
 SIGTERM/SIGINT save a checkpoint and stop; a non-finite loss stops the run with the last
 good checkpoint kept.
 """
