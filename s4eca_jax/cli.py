@@ -14,6 +14,7 @@ fix and `Stopped` to end with EXIT_STOPPED.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Callable
@@ -71,6 +72,18 @@ def _parse(argv: list[str]) -> list[str]:
     sys.exit(EXIT_USAGE)
 
 
+def exit_now(code: int) -> None:
+  """Ends the process without waiting for other threads: a failed run may leave
+  background threads (orbax's savers, grain's readers) that would hold the interpreter
+  at shutdown forever. Output is flushed first, so the error stays the last line."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def _wants_help(argv: list[str]) -> bool:
   return any(arg in ("-h", "--help", "-?", "--helpshort", "--helpfull") for arg in argv[1:])
 
@@ -105,10 +118,10 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
       raise
     except Exception as error:  # pylint: disable=broad-except
       if _DEBUG.value:
-        raise
-      print(f"error: {type(error).__name__}: {_one_line(error)} (--debug shows the "
-            "traceback)", file=sys.stderr)
-      sys.exit(EXIT_ERROR)
+        traceback.print_exc()
+      print(f"error: {type(error).__name__}: {_one_line(error)}"
+            + ("" if _DEBUG.value else " (--debug shows the traceback)"), file=sys.stderr)
+      exit_now(EXIT_ERROR)
 
   try:
     app.run(wrapped, argv=argv, flags_parser=_parse)

@@ -185,6 +185,9 @@ def evaluate_run(workdir: str | Path, *, split: str = "test", which: str = "best
                  per_category_table: bool = True) -> dict[str, Any]:
   """Evaluates checkpoint `which` of a trained workdir on `split`; prints and saves."""
   workdir = epath.Path(run_setup.expand_path(workdir))
+  if batch_size is not None and batch_size < 1:
+    raise run_setup.ConfigError(f"--batch_size={batch_size}: must be at least 1.")
+  run_setup.checkpoint_step(workdir, run_setup.load_config(workdir), which)  # before the model
   config, setup = run_setup.load_run(workdir, {"data_dir": run_setup.expand_path(data_dir),
                                                "eval_batch_size": batch_size})
   trainable, step = run_setup.restore_trainable(setup, config, workdir, which)

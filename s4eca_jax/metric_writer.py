@@ -8,6 +8,7 @@ TensorFlow). Pictures are drawn by drawing.py.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -37,9 +38,28 @@ class MetricWriter:
       self._tb.add_scalar(name, value, int(step))
     self._tb.flush()
 
+  def drop_rows_after(self, step: int) -> None:
+    """Forgets rows past `step` (a resumed run logs them again: one row set per step)."""
+    path = self.workdir / "metrics.jsonl"
+    if not self.enabled or not path.exists():
+      return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if row.strip() and _row_step(row) <= step]
+    if len(kept) != len(rows):
+      temporary = path.with_suffix(".jsonl.tmp")
+      temporary.write_text("".join(kept))
+      os.replace(temporary, path)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _row_step(row: str) -> float:
+  try:
+    return int(json.loads(row)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")  # a torn last line from a killed run: dropped
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

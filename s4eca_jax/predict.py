@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import tempfile
 
 from absl import flags
 import jax
@@ -54,6 +55,7 @@ class Predictor:
   """Holds a restored run and predicts masks for (image, expression) pairs."""
 
   def __init__(self, workdir: str | Path, which: str = "best"):
+    run_setup.checkpoint_step(workdir, run_setup.load_config(workdir), which)  # before the model
     self.config, self.setup = run_setup.load_run(workdir)
     self.trainable, self.step = run_setup.restore_trainable(self.setup, self.config, workdir,
                                                             which)
@@ -79,9 +81,16 @@ class Predictor:
 
 
 def read_batch_file(path: str | Path, out_dir: str | Path) -> list[tuple[str, str, Path]]:
-  """(image, expression, mask path) per line of a JSONL batch file."""
+  """(image, expression, mask path) per line of a JSONL batch file; every mask path stays
+  inside out_dir."""
+  path, out_dir = Path(path), Path(out_dir)
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as error:
+    raise PredictionError(f"--batch {path} cannot be read ({type(error).__name__}: "
+                          f"{error}); pass a UTF-8 JSONL file.") from None
   pairs = []
-  for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+  for number, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -92,17 +101,39 @@ def read_batch_file(path: str | Path, out_dir: str | Path) -> list[tuple[str, st
     if not isinstance(item, dict) or "image" not in item or "expression" not in item:
       raise PredictionError(f"{path}:{number}: each line needs \"image\" and "
                             "\"expression\" keys.")
+    if not all(isinstance(item.get(key, ""), str) for key in ("image", "expression", "out")):
+      raise PredictionError(f"{path}:{number}: \"image\", \"expression\" and \"out\" must be "
+                            "strings.")
     name = item.get("out") or f"{number:05d}_{Path(item['image']).stem}.png"
-    pairs.append((item["image"], item["expression"], Path(out_dir) / name))
+    out = out_dir / name
+    if not out.resolve().is_relative_to(out_dir.resolve()):
+      raise PredictionError(f"{path}:{number}: \"out\": {name!r} points outside --out_dir "
+                            f"{out_dir}; give a file name (or a sub-folder) inside it.")
+    pairs.append((item["image"], item["expression"], out))
   return pairs
+
+
+def check_writable(out: Path) -> None:
+  """PredictionError unless a mask (and its overlay) can be written at `out`."""
+  if out.is_dir():
+    raise PredictionError(f"--out {out} is a folder; give the mask's file name, e.g. "
+                          f"{out / 'mask.png'}.")
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write_check_"):
+      pass
+  except OSError as error:
+    raise PredictionError(f"cannot write into {out.parent} ({error.strerror or error}); "
+                          "choose another --out / --out_dir.") from None
 
 
 def predict_pairs(workdir: str | Path, pairs: list[tuple[str, str, Path]],
                   which: str = "best") -> list[Path]:
   """Masks and overlays for (image, expression, mask path) pairs; inputs are checked
   before the model loads."""
-  for _, expression, _ in pairs:
+  for _, expression, out in pairs:
     check_expression(expression)
+    check_writable(Path(out))
   images = [read_image(image) for image, _, _ in pairs]
   predictor = Predictor(workdir, which)
   written = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import shutil
 import sys
 
 from absl import flags
@@ -77,6 +78,16 @@ def make_builder(dataset: str, data_dir: str | Path, manual_dir: str | Path | No
   return builder_cls(data_dir=str(data_dir))
 
 
+def remove_partial_builds(version_dir: Path) -> list[Path]:
+  """Deletes what killed builds of this dataset version left behind: TFDS writes into
+  `incomplete.XXXXXX_<version>/` beside the final folder and renames it at the end."""
+  leftovers = sorted(version_dir.parent.glob(f"incomplete.*_{version_dir.name}"))
+  for leftover in leftovers:
+    shutil.rmtree(leftover, ignore_errors=True)
+    print(f"removed the partial build {leftover}")
+  return leftovers
+
+
 def prepare(dataset: str, data_dir: str | Path, manual_dir: str | Path | None = None,
             **synthetic) -> dict:
   """Builds (unless already built) and returns the report that main() prints."""
@@ -88,6 +99,7 @@ def prepare(dataset: str, data_dir: str | Path, manual_dir: str | Path | None = 
     return dict(json.loads(report_path.read_text()), reused=True)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(manual_dir) if manual_dir else None))
+  remove_partial_builds(Path(builder.data_dir))
   name = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
   report = {
       "name": name,
@@ -112,7 +124,8 @@ def main(argv) -> None:
     report = prepare(argv[1], FLAGS.data_dir, FLAGS.manual_dir, num_train=FLAGS.num_train,
                      num_val=FLAGS.num_val, num_test=FLAGS.num_test,
                      image_size=FLAGS.image_size, seed=FLAGS.seed)
-  except FileNotFoundError as error:  # missing manual files: the message says what to do
+  except (FileNotFoundError, layout_reader.LayoutError, layout_reader.UnsafePickleError) as error:
+    # missing or unreadable annotation files: the message names the file and the fix
     raise cli.UsageError(str(error)) from None
   state = "already prepared" if report["reused"] else "prepared"
   print(f"\n{report['name']} {state} in {report['data_dir']}")

@@ -16,6 +16,7 @@ Nothing here imports a command module: they all sit on top of this one.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.util
 import json
 import os
@@ -28,13 +29,32 @@ import ml_collections
 import optax
 from etils import epath
 
-from s4eca_jax import (checkpoint, export_format, losses, optimizer, partition, sharding,
+from s4eca_jax import (checkpoint, cli, export_format, losses, optimizer, partition, sharding,
                        text_tokenizer)
 from s4eca_jax.models import s4eca
 
 # Config fields that hold paths: `~` and $VARIABLES are expanded when a config is loaded.
 PATH_FIELDS = ("data_dir", "tokenizer", "init_from", "image_encoder.checkpoint",
                "text_encoder.checkpoint")
+
+# Fields a rerun of a workdir may change: the schedule, the logging and where the run
+# executes. Every other field changes the parameters' shapes, the optimizer state, the
+# model or the data, so a resume with a different value would not continue the same run.
+SCHEDULE_FIELDS = frozenset((
+    "total_steps", "num_epochs", "optimizer.lr", "optimizer.warmup_steps",
+    "optimizer.end_lr_ratio", "optimizer.schedule", "optimizer.step_boundaries",
+    "optimizer.step_decay", "log_every", "eval_every", "eval_split", "eval_batch_size",
+    "checkpoint_every", "keep_checkpoints", "stop_after_steps", "data_workers", "mesh",
+    "fsdp_min_size", "distributed", "coordinator_address", "num_processes", "process_id",
+    "data_dir", "mask_probability",
+    # Performance levers: same parameters and data, another way to compute them.
+    "frozen_dtype", "donate_state", "model.attention", "model.fused_qkv",
+    "image_encoder.remat", "text_encoder.remat"))
+HISTORY = "run_history.jsonl"
+
+
+class ConfigError(cli.UsageError):
+  """A config value or a workdir's stored config that the user must fix (one line)."""
 
 
 def log(message: str) -> None:
@@ -96,12 +116,95 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     (workdir / "config.json").write_text(config.to_json(indent=1))
 
 
+def _read_config_json(path: Path) -> dict:
+  try:
+    stored = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ConfigError(f"{path} is not valid JSON ({error}); restore it from the run's "
+                      "copy, or use a new --workdir.") from None
+  if not isinstance(stored, dict):
+    raise ConfigError(f"{path} holds a {type(stored).__name__}, not a config object.")
+  return stored
+
+
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run "
-                            "(python -m s4eca_jax.train --workdir ...)?")
-  return expand_paths(ml_collections.ConfigDict(json.loads(path.read_text())))
+    raise ConfigError(f"{path} not found: is {workdir} the --workdir of a training run "
+                      "(python -m s4eca_jax.train --workdir ...)?")
+  return expand_paths(ml_collections.ConfigDict(_read_config_json(path)))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """ConfigError for values no run can use (before anything is built or written)."""
+  at_least_one = ("batch_size", "eval_batch_size", "log_every", "keep_checkpoints")
+  for field in at_least_one:
+    value = config.get(field)
+    if value is not None and (not isinstance(value, int) or value < 1):
+      raise ConfigError(f"config.{field}={value!r}: must be an integer >= 1.")
+  if config.get("total_steps") is not None and config.total_steps < 1:
+    raise ConfigError(f"config.total_steps={config.total_steps}: must be >= 1 (or unset "
+                      "to train config.num_epochs epochs).")
+  if config.get("total_steps") is None and not config.get("num_epochs", 0) > 0:
+    raise ConfigError(f"config.num_epochs={config.get('num_epochs')!r} with total_steps "
+                      "unset: set one of them above 0.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_differences(stored: dict, config: ml_collections.ConfigDict
+                       ) -> dict[str, tuple[Any, Any]]:
+  """field -> (stored value, this config's value), "<absent>" where a field is missing."""
+  old = _flatten(stored)
+  new = _flatten(json.loads(config.to_json()))  # tuples as lists, like the stored JSON
+  return {field: (old.get(field, "<absent>"), new.get(field, "<absent>"))
+          for field in sorted(set(old) | set(new)) if old.get(field, "<absent>") !=
+          new.get(field, "<absent>")}
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+  """Writes config.json in a new workdir; in an existing one compares against it.
+
+  config.json is written once, by the run that creates the workdir. A rerun may change
+  only SCHEDULE_FIELDS (printed, and recorded in run_history.jsonl); any other difference
+  raises ConfigError listing them, with config.json left as it was.
+  """
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    save_config(config, workdir)
+    _record_history(workdir, "created", {})
+    return
+  changed = config_differences(_read_config_json(path), config)
+  refused = {k: v for k, v in changed.items() if k not in SCHEDULE_FIELDS}
+  if refused:
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+    raise ConfigError(
+        f"{workdir} holds a run with another config ({path}); these fields would change "
+        f"the parameters, the model or the data: {listed}. Pass a new --workdir to start "
+        "a fresh run, or rerun with the stored values (only schedule fields may change: "
+        f"{', '.join(sorted(SCHEDULE_FIELDS))}).")
+  for field, (old, new) in changed.items():
+    log(f"notice: config.{field} changed from {old!r} to {new!r} since this workdir was "
+        f"created (recorded in {workdir / HISTORY}; config.json keeps the original).")
+  _record_history(workdir, "rerun", changed)
+
+
+def _record_history(workdir: epath.Path, event: str, changed: dict) -> None:
+  if jax.process_index() == 0:
+    row = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "event": event, "changed": {k: list(v) for k, v in changed.items()}}
+    with (workdir / HISTORY).open("a") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 def tokenizer_folder(config: ml_collections.ConfigDict) -> str:
@@ -150,9 +253,17 @@ class Setup:
 
   def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> tuple[dict, Any]:
     """(state, data iterator state) of checkpoint `step`, placed like `self.state`."""
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.state, self.state_shardings)
-    return ckpt.restore(step, abstract)
+    return ckpt.restore(step, self.abstract_state())
+
+  def restore_newest(self, ckpt: checkpoint.Checkpointer) -> tuple[int, dict, Any] | None:
+    """(step, state, data state) of the newest intact checkpoint, falling back past
+    damaged ones with a notice; None when there is none."""
+    return ckpt.restore_newest_intact(self.abstract_state(),
+                                      notice=lambda line: log(f"notice: {line}"))
+
+  def abstract_state(self) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self.state, self.state_shardings)
 
   # What evaluators and predictors take: params {"trainable", "frozen"} and a function.
   def eval_params(self, trainable: Any) -> dict:
@@ -301,28 +412,38 @@ def load_run(workdir: str | Path, overrides: dict[str, Any] | None = None):
   return config, build(config, mesh, total_steps=1)
 
 
+def checkpoint_step(workdir: str | Path, config: ml_collections.ConfigDict, which: str) -> int:
+  """The step that `which` ("best", "latest" or a step number) names in workdir; checked
+  before any model is built. ConfigError names the choices."""
+  ckpt = checkpoint.Checkpointer(workdir, best_metric=best_metric(config))
+  try:
+    steps = sorted(ckpt.all_steps())
+    if not steps:
+      raise ConfigError(f"No checkpoint in {ckpt.directory}: train first "
+                        "(python -m s4eca_jax.train --workdir ...).")
+    if which == "best":
+      return ckpt.best_step() or ckpt.latest_step()
+    if which == "latest":
+      return ckpt.latest_step()
+    try:
+      step = int(which)
+    except (TypeError, ValueError):
+      raise ConfigError(f"--checkpoint={which!r}: use best, latest or a step number "
+                        f"(available: {steps}).") from None
+    if step not in steps:
+      raise ConfigError(f"--checkpoint={which!r}: no checkpoint for step {step} in "
+                        f"{ckpt.directory}; available: {steps}.")
+    return step
+  finally:
+    ckpt.close()
+
+
 def restore_trainable(setup: Setup, config: ml_collections.ConfigDict, workdir: str | Path,
                       which: str) -> tuple[Any, int]:
   """Trainable params of the `which` ("best", "latest" or a step) checkpoint in workdir."""
+  step = checkpoint_step(workdir, config, which)
   ckpt = checkpoint.Checkpointer(workdir, best_metric=best_metric(config))
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first "
-                              "(python -m s4eca_jax.train --workdir ...).")
-    if which == "best":
-      step = ckpt.best_step() or ckpt.latest_step()
-    elif which == "latest":
-      step = ckpt.latest_step()
-    else:
-      try:
-        step = int(which)
-      except ValueError:
-        raise ValueError(f"--checkpoint={which!r}: use best, latest or a step number "
-                         f"(available: {sorted(steps)}).") from None
-      if step not in steps:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
-                                f"available: {sorted(steps)}.")
     state, _ = setup.restore(ckpt, step)
   finally:
     ckpt.close()

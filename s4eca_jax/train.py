@@ -7,7 +7,10 @@ Phases: config -> mesh -> data -> model + frozen encoder weights -> sharding -> 
 (with periodic evaluation) -> final evaluation. Everything a run writes lands in W:
 config.json, checkpoints/ (orbax: trainable params, optimizer state, step, RNG, data
 iterator state; never the frozen encoders), metrics.jsonl, tb/ (TensorBoard events) and
-overlays/ (PNG grids at each evaluation). A run resumes from its newest checkpoint.
+overlays/ (PNG grids at each evaluation), run_history.jsonl (each start; the schedule
+fields a rerun changed). config.json is written once, by the run that creates W: a rerun
+with other model or data fields is refused. A run resumes from its newest intact
+checkpoint (damaged ones are named and moved to checkpoints_damaged/).
 SIGTERM/SIGINT save a checkpoint and stop; a non-finite loss stops the run with the last
 good checkpoint kept. On many hosts (config.distributed) every process runs this same
 command; a stop request on any one of them is agreed at the next step, so all save the
@@ -48,14 +51,15 @@ log = run_setup.log
 
 def make_train_data(config, tokenizer, mesh):
   if not config.data_dir:
-    raise ValueError("config.data_dir is not set: pass --config.data_dir=DIR, the TFDS data "
-                     "dir that `python -m s4eca_jax.prepare ... --data_dir DIR` wrote.")
+    raise run_setup.ConfigError(
+        "config.data_dir is not set: pass --config.data_dir=DIR, the TFDS data dir that "
+        "`python -m s4eca_jax.prepare ... --data_dir DIR` wrote.")
   source = pipeline.open_split(config.dataset, "train", config.data_dir)
   batch_size = run_setup.per_process_batch(config.batch_size, mesh)
   steps_per_epoch = len(source) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"{len(source)} train examples cannot fill one batch of "
-                     f"{config.batch_size}; lower config.batch_size.")
+    raise run_setup.ConfigError(f"{len(source)} train examples cannot fill one batch of "
+                                f"{config.batch_size}; lower config.batch_size.")
   iterator = pipeline.make_train_iterator(
       source, batch_size=batch_size, image_size=config.image_size, tokenizer=tokenizer,
       mean=config.image_mean, std=config.image_std, seed=config.seed,
@@ -132,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: StopRequest):
   # ---------------------------------------------------------------- config
   sharding.initialize_distributed(config)
-  run_setup.save_config(config, workdir)
+  run_setup.check_workdir_config(config, workdir)  # refuses a different run's workdir
   log(f"workdir {workdir}: {jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.default_backend()} device(s)")
 
@@ -160,15 +164,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: StopReq
   ckpt = checkpoint.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                  best_metric=run_setup.best_metric(config))
   state = setup.state
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = setup.restore(ckpt, latest)
+  restored = setup.restore_newest(ckpt)  # falls back past damaged checkpoints
+  if restored is not None:
+    at, state, data_state = restored
     train_iter.set_state(data_state)
-    log(f"resumed from step {latest}")
+    log(f"resumed from step {at}")
   step = int(jax.device_get(state["step"]))
 
   # ---------------------------------------------------------------- loop
   writer = metric_writer.MetricWriter(workdir)
+  writer.drop_rows_after(step)  # rows a previous attempt logged past its last checkpoint
   log_every = config.get("log_every", 10)
   eval_every = config.get("eval_every", 0) or total_steps  # 0: at the end; < 0: never
   ckpt_every = config.get("checkpoint_every", 0) or total_steps

@@ -48,11 +48,19 @@ SKIP_REASONS = {
     "undecodable_mask": "segmentation is not an RLE dict that pycocotools decodes",
     "missing_mask": "mask file not found or not decodable",
     "empty_expression": "expression is empty after stripping whitespace",
+    "invalid_text": "expression is not valid Unicode text",
+    "duplicate_sent_id": "sentence id already used by an earlier sentence",
+    "malformed_ref": "ref entry lacks a field or has one of the wrong type",
+    "unknown_split": "ref's split is not train, val or test",
 }
 REPAIR_REASONS = {
     "mask_resized_to_image": "mask size differed from the image: resized (nearest)",
     "image_converted_to_rgb": "image was not 8-bit RGB: converted to RGB uint8 (PNG)",
 }
+
+
+class LayoutError(ValueError):
+  """An annotation file that cannot be read at all (the message names the file and why)."""
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -82,6 +90,18 @@ class QuirkLog:
 
   items: dict[tuple[str, str], list[str]] = dataclasses.field(
       default_factory=lambda: collections.defaultdict(list))
+  # sentence id -> the item that used it first (TFDS keys must be unique within a split;
+  # across splits a repeated id means leaked or mislabelled data).
+  sent_ids: dict[int, str] = dataclasses.field(default_factory=dict)
+
+  def claim_sent_id(self, split: str, sent_id: int, item: str) -> bool:
+    """False (recorded as a duplicate) when `sent_id` was already used."""
+    if sent_id in self.sent_ids:
+      self.record(split, "duplicate_sent_id",
+                  f"sent {sent_id} of {item} (first: {self.sent_ids[sent_id]})")
+      return False
+    self.sent_ids[sent_id] = f"{split} {item}"
+    return True
 
   def record(self, split: str, reason: str, item: str) -> None:
     if reason not in SKIP_REASONS and reason not in REPAIR_REASONS:
@@ -194,11 +214,55 @@ class RrsisdAnnotations:
 
 
 def read_rrsisd_annotations(root: str | Path) -> RrsisdAnnotations:
+  """Raises LayoutError naming the file for annotation files that cannot be read at all;
+  single bad entries are skipped later and counted."""
   root = Path(root)
-  refs = load_builtin_pickle(root / RRSISD_REFS)
-  instances = json.loads((root / RRSISD_INSTANCES).read_text())
-  annotations = {int(a["id"]): a for a in instances["annotations"]}
+  refs_path, instances_path = root / RRSISD_REFS, root / RRSISD_INSTANCES
+  try:
+    refs = load_builtin_pickle(refs_path)
+  except UnsafePickleError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # any non-pickle file
+    raise LayoutError(f"{refs_path} is not a readable refs pickle ({type(error).__name__}: "
+                      f"{error}); use the refs(unc).p of the dataset's release.") from None
+  if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+    raise LayoutError(f"{refs_path} holds a {type(refs).__name__}, not a list of ref "
+                      "dicts; use the refs(unc).p of the dataset's release.")
+  try:
+    instances = json.loads(instances_path.read_bytes())
+  except json.JSONDecodeError as error:
+    raise LayoutError(f"{instances_path}:{error.lineno}:{error.colno}: not valid JSON "
+                      f"({error.msg}); use the instances.json of the dataset's release.") from None
+  except UnicodeDecodeError as error:
+    raise LayoutError(f"{instances_path}: not UTF-8 text ({error.reason} at byte "
+                      f"{error.start}).") from None
+  if not isinstance(instances, dict) or not isinstance(instances.get("annotations"), list):
+    raise LayoutError(f"{instances_path} has no \"annotations\" list (COCO format expected).")
+  annotations = {}
+  for index, annotation in enumerate(instances["annotations"]):
+    try:
+      annotations[int(annotation["id"])] = annotation
+    except (KeyError, TypeError, ValueError):
+      raise LayoutError(f"{instances_path}: annotations[{index}] has no integer \"id\".") from None
   return RrsisdAnnotations(refs=refs, annotations=annotations)
+
+
+def record_unknown_splits(annotations: RrsisdAnnotations, quirks: QuirkLog) -> None:
+  """Counts the refs that no split generator will read (split not train/val/test)."""
+  for ref in annotations.refs:
+    split = ref.get("split")
+    if split not in RRSISD_SPLITS:
+      quirks.record(str(split), "unknown_split", f"ref {ref.get('ref_id')} "
+                    f"({ref.get('file_name')})")
+
+
+def valid_text(text: str) -> bool:
+  """False for strings that cannot be written as UTF-8 (lone surrogates)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def _load_image_and_mask(image_path: Path, mask: np.ndarray, split: str, item: str,
@@ -209,7 +273,9 @@ def _load_image_and_mask(image_path: Path, mask: np.ndarray, split: str, item: s
     return None
   try:
     image, height, width, converted_from = read_rgb_image(image_path)
-  except (OSError, SyntaxError, ValueError) as error:
+  except Exception as error:  # pylint: disable=broad-except
+    # Any decoder failure skips this item only: OSError, SyntaxError, ValueError,
+    # Image.DecompressionBombError (above PIL's pixel limit), MemoryError, ...
     quirks.record(split, "unreadable_image", f"{item} ({type(error).__name__})")
     return None
   if converted_from is not None:
@@ -225,36 +291,47 @@ def rrsisd_examples(root: str | Path, annotations: RrsisdAnnotations, split: str
                     quirks: QuirkLog) -> Iterator[tuple[int, dict[str, Any]]]:
   """(sent_id, example) for each sentence of the refs in `split`."""
   root = Path(root)
-  for ref in annotations.refs:
-    if ref["split"] != split:
+  for index, ref in enumerate(annotations.refs):
+    if ref.get("split") != split:
       continue
-    item = f"ref {ref['ref_id']} ({ref['file_name']})"
-    annotation = annotations.annotations.get(int(ref["ann_id"]))
+    try:
+      item = f"ref {ref['ref_id']} ({ref['file_name']})"
+      ids = dict(ref_id=int(ref["ref_id"]), image_id=int(ref["image_id"]),
+                 category=int(ref["category_id"]))
+      ann_id = int(ref["ann_id"])
+      sentences = [(int(s["sent_id"]), s["raw"]) for s in ref["sentences"]]
+      if not all(isinstance(raw, str) for _, raw in sentences):
+        raise TypeError("sentence raw text is not a string")
+    except (KeyError, TypeError, ValueError) as error:
+      quirks.record(split, "malformed_ref", f"refs[{index}] ({type(error).__name__}: "
+                    f"{error})")
+      continue
+    annotation = annotations.annotations.get(ann_id)
     if annotation is None:
       quirks.record(split, "missing_annotation", item)
       continue
     try:
       mask = decode_rle(annotation["segmentation"])
-    except (ValueError, TypeError, KeyError):
+    except Exception:  # pylint: disable=broad-except  # any malformed RLE skips this ref
       quirks.record(split, "undecodable_mask", item)
       continue
-    sentences = []
-    for sentence in ref["sentences"]:
-      expression = sentence["raw"].strip()
-      if expression:
-        sentences.append((int(sentence["sent_id"]), expression))
-      else:
-        quirks.record(split, "empty_expression", f"sent {sentence['sent_id']} of {item}")
-    if not sentences:
+    kept = []
+    for sent_id, raw in sentences:
+      expression = raw.strip()
+      if not expression:
+        quirks.record(split, "empty_expression", f"sent {sent_id} of {item}")
+      elif not valid_text(expression):
+        quirks.record(split, "invalid_text", f"sent {sent_id} of {item}")
+      elif quirks.claim_sent_id(split, sent_id, item):
+        kept.append((sent_id, expression))
+    if not kept:
       continue
     loaded = _load_image_and_mask(root / RRSISD_IMAGES / ref["file_name"], mask, split,
                                   item, quirks)
     if loaded is None:
       continue
-    for sent_id, expression in sentences:
-      yield sent_id, dict(loaded, expression=expression, ref_id=int(ref["ref_id"]),
-                          sent_id=sent_id, image_id=int(ref["image_id"]),
-                          category=int(ref["category_id"]))
+    for sent_id, expression in kept:
+      yield sent_id, dict(loaded, expression=expression, sent_id=sent_id, **ids)
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,7 +352,10 @@ def read_refsegrs_phrases(root: str | Path) -> dict[str, list[RefsegrsTriplet]]:
   triplets, sent_id = {}, 0
   for split, filename in REFSEGRS_PHRASES.items():
     triplets[split] = []
-    for line in (root / filename).read_text().splitlines():
+    # Undecodable bytes survive as surrogates, so that the line is skipped and counted
+    # (invalid_text) instead of failing the whole file.
+    text = (root / filename).read_bytes().decode("utf-8", errors="surrogateescape")
+    for line in text.splitlines():
       if not line.strip():
         continue
       image_name, _, expression = line.strip().partition(" ")
@@ -303,6 +383,9 @@ def refsegrs_examples(root: str | Path, triplets: dict[str, list[RefsegrsTriplet
     item = f"{triplet.image_name}.tif (line sent_id {triplet.sent_id})"
     if not triplet.expression:
       quirks.record(split, "empty_expression", item)
+      continue
+    if not valid_text(triplet.expression):
+      quirks.record(split, "invalid_text", item)
       continue
     mask = _read_refsegrs_mask(root / REFSEGRS_MASKS / f"{triplet.image_name}.tif")
     if mask is None:

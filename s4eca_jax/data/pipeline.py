@@ -38,7 +38,10 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -162,8 +165,22 @@ def _to_iterator(dataset: grain.MapDataset, worker_count: int, read_threads: int
       # grain reads its absl flags in mp_prefetch (google/grain#1355); scripts that do not
       # run under absl.app never parse them, so take the defaults.
       absl_flags.FLAGS.mark_as_parsed()
-    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                                    worker_init_fn=functools.partial(_die_with, os.getpid()))
   return iter(iterable)
+
+
+def _die_with(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+  """In each worker process: end it once the trainer is gone, however the trainer ended
+  (kill -9 included), instead of leaving it decoding for nobody."""
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == trainer_pid:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access  # nothing to flush: a data worker
+
+  threading.Thread(target=watch, name="die-with-trainer", daemon=True).start()
 
 
 def _train_example(example: Example, rng: np.random.Generator, *, flip_probability: float,

@@ -42,6 +42,7 @@ then run:  python -m s4eca_jax.prepare rrsis_d --manual_dir <manual_dir> --data_
     root = dl_manager.manual_dir
     layout_reader.require_files(self.name, root, REQUIRED_FILES, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     annotations = layout_reader.read_rrsisd_annotations(root)
+    layout_reader.record_unknown_splits(annotations, self.quirks)
     present = {ref["split"] for ref in annotations.refs}
     return {split: self._generate_examples(root, annotations, split)
             for split in layout_reader.RRSISD_SPLITS if split in present}

@@ -89,6 +89,7 @@ class Builder(ReferringBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     self.layout_dir = write_layout_once(dl_manager.download_dir, self.builder_config)
     annotations = layout_reader.read_rrsisd_annotations(self.layout_dir)
+    layout_reader.record_unknown_splits(annotations, self.quirks)
     return {split: self._generate_examples(annotations, split)
             for split in layout_reader.RRSISD_SPLITS}
 
