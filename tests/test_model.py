@@ -2,8 +2,6 @@
 image path, loss, one optimisation step on the trainable tree, overfitting, bf16 compute,
 ablations and loading the frozen encoders from Hugging Face folders."""
 
-import time
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -226,15 +224,12 @@ def test_overfits_a_few_examples(tiny, train_setup):
   trainable, _, tx, step = train_setup
   batch = _batch(config, seed=1)
   opt_state = tx.init(trainable)
-  start = time.time()
   losses_seen = []
   for _ in range(80):
     trainable, opt_state, loss = step(trainable, opt_state, batch)
     losses_seen.append(float(loss))
-  elapsed = time.time() - start
   # Falls >= 10x, and to a Dice + BCE small enough that the masks are nearly exact.
   assert losses_seen[-1] < losses_seen[0] / 10 and losses_seen[-1] < 0.05, losses_seen[::10]
-  assert elapsed < 60, elapsed
 
 
 # --------------------------------------------------------------------------------------

@@ -53,11 +53,13 @@ class TextBlock(nn.Module):
   act: str
   layer_norm_eps: float
   pre_norm: bool
+  f32_residual: bool = True  # post-LN: the norms write the stream, in f32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask):
-    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+    norm_dtype = jnp.float32 if self.f32_residual and not self.pre_norm else self.dtype
+    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=norm_dtype, name=name)
     attn = layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
     mlp = layers.Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")
     if self.pre_norm:
@@ -83,6 +85,7 @@ class ClipTextEncoder(_AdapterHook):
   adapter: Callable[..., nn.Module] | None = None
   adapter_blocks: Sequence[int] = ()
   remat: bool = False
+  f32_residual: bool = True  # the residual stream in f32, the blocks in dtype (vit.py)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,14 +94,14 @@ class ClipTextEncoder(_AdapterHook):
     x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(input_ids)
     pos = self.param("pos_embedding", nn.initializers.normal(0.01),
                      (self.max_positions, self.width))
-    x = (x + pos[None, :length]).astype(self.dtype)
+    x = (x + pos[None, :length]).astype(jnp.float32 if self.f32_residual else self.dtype)
 
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = layers.padding_mask(attention_mask) & causal[None, None]  # (B, 1, L, L)
     block_cls = nn.remat(TextBlock) if self.remat else TextBlock
     make_block = lambda k: (lambda h: block_cls(
         self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=True,
-        dtype=self.dtype, name=f"block_{k}")(h, mask))
+        f32_residual=self.f32_residual, dtype=self.dtype, name=f"block_{k}")(h, mask))
     x, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
     tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
 
@@ -134,6 +137,7 @@ class BertEncoder(_AdapterHook):
   adapter: Callable[..., nn.Module] | None = None
   adapter_blocks: Sequence[int] = ()
   remat: bool = False
+  f32_residual: bool = True  # the residual stream in f32, the blocks in dtype (vit.py)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -149,13 +153,15 @@ class BertEncoder(_AdapterHook):
     x = (nn.Embed(self.vocab_size, self.width, name="word_embedding")(input_ids)
          + nn.Embed(self.max_positions, self.width, name="pos_embedding")(jnp.arange(length))[None]
          + nn.Embed(self.type_vocab_size, self.width, name="type_embedding")(token_type_ids))
-    x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
+    stream_dtype = jnp.float32 if self.f32_residual else self.dtype
+    x = nn.LayerNorm(self.layer_norm_eps, dtype=stream_dtype, name="embed_norm")(
+        x.astype(stream_dtype))
 
     mask = layers.padding_mask(attention_mask)  # (B, 1, 1, L)
     block_cls = nn.remat(TextBlock) if self.remat else TextBlock
     make_block = lambda k: (lambda h: block_cls(
         self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=False,
-        dtype=self.dtype, name=f"block_{k}")(h, mask))
+        f32_residual=self.f32_residual, dtype=self.dtype, name=f"block_{k}")(h, mask))
     tokens, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
 
     out = {"tokens": tokens, "taps": tapped, "adapter_state": state}

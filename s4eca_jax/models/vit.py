@@ -76,6 +76,9 @@ class VisionTransformer(nn.Module):
   adapter_blocks: Sequence[int] = ()
   adapter_scale: float = 0.2
   remat: bool = False
+  # The residual stream stays f32 while the blocks compute in `dtype`, as under PyTorch
+  # autocast: a bf16 stream would be rounded at every residual addition.
+  f32_residual: bool = True
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -99,8 +102,14 @@ class VisionTransformer(nn.Module):
     return height // self.patch_size, width // self.patch_size
 
   @nn.compact
-  def __call__(self, images, *, taps: Sequence[int] = (), adapter_context=None):
-    """images: (B, H, W, 3) -> {"tokens": (B, T, D), "taps": {k: (B, T, D)}}."""
+  def __call__(self, images, *, taps: Sequence[int] = (), adapter_context=None,
+               norm_taps: bool = False):
+    """images: (B, H, W, 3) -> {"tokens": (B, T, D), "taps": {k: (B, T, D)}}.
+
+    norm_taps: the tapped tokens go through the final norm too, as DINOv2's
+    get_intermediate_layers(norm=True) (its raw intermediate tokens have a few very large
+    channels).
+    """
     is_clip = self.family == "clip"
     batch = images.shape[0]
     grid = self.grid_size(images.shape[1], images.shape[2])
@@ -126,7 +135,9 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
     if is_clip:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
+    x = x.astype(jnp.float32 if self.f32_residual else self.dtype)  # (B, T, D) the stream
 
+    final_norm = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")
     block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
     tapped = {}
     for k in range(1, self.depth + 1):
@@ -139,9 +150,8 @@ class VisionTransformer(nn.Module):
           num_prefix=self.num_prefix, grid=grid, dtype=self.dtype, name=f"block_{k}",
       )(x, adapter_context)
       if k in taps:
-        tapped[k] = x
-    tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
-    return {"tokens": tokens, "taps": tapped}
+        tapped[k] = final_norm(x) if norm_taps else x
+    return {"tokens": final_norm(x), "taps": tapped}
 
 
 def patch_grid(tokens: jax.Array, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
