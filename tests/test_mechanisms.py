@@ -1,12 +1,14 @@
 """Each adapter mechanism of SPEC.md "Model" against a hand computation in numpy (f64),
 written from the spec's formulas with the module's parameters: scale weights, spatial
 maps, their product on the branches, dense branch widths, the cross-attention residual,
-the adapter's place in the ViT block, and the textual adapter's query updates.
+the adapter's place in the ViT block, and the textual adapter's query updates; then the
+encoders' f32 residual stream at bf16 compute and the normed decoder taps.
 
 Every weight is random and non-zero (also the zero-initialised ones), so a mechanism that
 is skipped or rewired changes the numbers.
 """
 
+import functools
 import math
 
 import flax
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from s4eca_jax.models import adapters, vit
+from s4eca_jax.models import adapters, text, vit
 
 BATCH, DIM, WIDTH, PREFIX, GRID, NUM_QUERIES, HEADS = 2, 24, 8, 2, (5, 4), 3, 2
 KERNELS = (3, 5, 7)
@@ -261,3 +263,47 @@ def test_textual_adapter_query_updates():
     queries = queries + dense(read["ffn"]["fc2"], gelu(dense(read["ffn"]["fc1"], normed)))
   expected = dense(p["proxy_proj"], layer_norm(p["out_norm"], queries, eps))
   np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------
+# The encoders around the adapters: f32 residual stream, normed decoder taps.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("f32_residual", [True, False])
+def test_residual_stream_dtype_at_bf16_compute(f32_residual):
+  """model.f32_residual: the stream between blocks (the taps) stays f32 at bf16 compute.
+  Dtypes from tracing alone (eval_shape): nothing to compile."""
+  stream = jnp.float32 if f32_residual else jnp.bfloat16
+  common = dict(width=16, depth=2, num_heads=2, mlp_dim=32, f32_residual=f32_residual,
+                dtype=jnp.bfloat16)
+  vision = vit.VisionTransformer(family="dinov2", patch_size=4, pretrain_grid=2,
+                                 num_registers=1, **common)
+  images = jnp.ones((1, 8, 8, 3))
+  apply = lambda module, *args: jax.eval_shape(
+      functools.partial(module.apply, taps=(1, 2)),
+      jax.eval_shape(module.init, jax.random.PRNGKey(0), *args), *args)
+  out = apply(vision, images)
+  assert all(out["taps"][k].dtype == stream for k in (1, 2))
+  ids, mask = jnp.arange(12).reshape(2, 6) + 3, jnp.ones((2, 6), jnp.int32)
+  for encoder in (text.ClipTextEncoder(vocab_size=50, projection_dim=8, **common),
+                  text.BertEncoder(vocab_size=50, max_positions=16, **common)):
+    out = apply(encoder, ids, mask)
+    assert all(out["taps"][k].dtype == stream for k in (1, 2)), type(encoder).__name__
+
+
+def test_normed_taps_go_through_the_final_norm():
+  encoder = vit.VisionTransformer(family="dinov2", width=16, depth=2, num_heads=2, mlp_dim=32,
+                                  patch_size=4, pretrain_grid=2, num_registers=1)
+  images = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 3))
+  params = jax.jit(encoder.init)(jax.random.PRNGKey(1), images)["params"]
+  norm = params["final_norm"] = {"scale": 1.0 + jnp.arange(16.0) / 8, "bias": jnp.arange(16.0)}
+  taps = jax.jit(lambda norm_taps: encoder.apply({"params": params}, images, taps=(1,),
+                                                 norm_taps=norm_taps)["taps"][1],
+                 static_argnums=0)
+  raw, normed = taps(False), taps(True)
+  raw = np.asarray(raw, np.float64)
+  centred = raw - raw.mean(-1, keepdims=True)
+  expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(normed, expected * norm["scale"] + norm["bias"], rtol=1e-4,
+                             atol=1e-5)
