@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s4eca_jax import run_setup
 from s4eca_jax.models import s4eca
-
-from train_step import load_config  # bench/ is on sys.path when run as a script
 
 
 def live(params, seed=3):
@@ -67,7 +66,8 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  config = load_config(args.config)
+  config = run_setup.config_from_file(args.config)
+  config.random_init_encoders = True
   if args.depth:
     shrink(config, args.depth)
   config.model.compute_dtype = "float32"

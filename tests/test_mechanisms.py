@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from s4eca_jax.models import adapters, text, vit
+from s4eca_jax.models import adapters, layers, text, vit
 
 BATCH, DIM, WIDTH, PREFIX, GRID, NUM_QUERIES, HEADS = 2, 24, 8, 2, (5, 4), 3, 2
 KERNELS = (3, 5, 7)
@@ -37,9 +37,8 @@ def _random_params(module, *args, seed=0, **kwargs):
   scales and LayerScale ~ 1 + N(0, 0.3^2), biases ~ N(0, 0.3^2). The zero-initialised
   leaves ("up", the spatial conv, biases) then take part too. Shapes from eval_shape: no
   init to compile."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
   rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(shapes["params"])
+  flat = flax.traverse_util.flatten_dict(layers.abstract_params(module, *args, **kwargs))
   for path, leaf in sorted(flat.items()):
     noise = rng.normal(size=leaf.shape)
     if len(leaf.shape) > 1:
@@ -282,7 +281,7 @@ def test_residual_stream_dtype_at_bf16_compute(f32_residual):
   images = jnp.ones((1, 8, 8, 3))
   apply = lambda module, *args: jax.eval_shape(
       functools.partial(module.apply, taps=(1, 2)),
-      jax.eval_shape(module.init, jax.random.PRNGKey(0), *args), *args)
+      {"params": layers.abstract_params(module, *args)}, *args)
   out = apply(vision, images)
   assert all(out["taps"][k].dtype == stream for k in (1, 2))
   ids, mask = jnp.arange(12).reshape(2, 6) + 3, jnp.ones((2, 6), jnp.int32)
