@@ -104,24 +104,27 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.model.fused_qkv = False  # self-attention q/k/v in one matmul (same params)
   config.frozen_dtype = "float32"  # "bfloat16": frozen encoder params stored in bf16
   config.donate_state = True  # the train step reuses the old state's buffers
-  config.model.language_guidance = True  # False: image path and decoder see zeros, not text
+  config.model.language_guidance = True  # False: no path from the expression to the output
+  config.model.f32_residual = True  # encoders' residual stream in f32 at bf16 compute
   config.model.textual_adapter = dict(
       enabled=True,  # False: proxies = Dense(sentence vector), one proxy
       blocks=(1, 2) if tiny else (4, 8, 12),  # read the word tokens after these text blocks
       num_queries=4 if tiny else 8, width=16 if tiny else 64, num_heads=2 if tiny else 4)
   config.model.visual_adapter = dict(
       blocks=(2, 4) if tiny else (2, 4, 6, 8, 10, 12),  # 1-based image blocks
-      width=16 if tiny else 108,  # r: adapters = 2.42% of the encoders (params CLI)
+      width=16 if tiny else 112,  # r: adapters = 2.51% of the encoders (params CLI)
       scale=0.2,  # s in x <- x + LS(MLP(n) + s * A(n, P))
       kernel_sizes=(3, 5, 7),  # 2. depthwise kernels of the K branches
       dense_connectivity=True,  # 2. branch k also sees branches < k
       scale_selection=True,  # 3. False: uniform 1/K
       spatial_selection=True,  # 4. False: no spatial maps
-      spatial_kernel=7,  # 4. conv over [cosine maps ; mean/max per branch], standardised over space
+      spatial_kernel=7,  # 4. conv over [cosine maps ; mean/max per branch]
+      spatial_standardize=True,  # 4. its inputs standardised over space, per map
       cross_attention=True,  # 5. refinement by attention to the proxies
-      num_heads=2 if tiny else 4)
+      num_heads=2)  # 5. r=112: head size 56, a multiple of 8
   config.model.decoder = dict(
       taps=(2, 3) if tiny else (4, 8),  # image blocks; the final norm is always added
+      tap_norm=False,  # True: the taps through the final norm too (DINOv2 norm=True)
       width=32 if tiny else 256, num_layers=2 if tiny else 3, num_heads=4 if tiny else 8,
       mlp_dim=64 if tiny else 1024, sentence_gate=True,
       projector_dims=(16, 16) if tiny else (128, 64),  # one x2 upsampling stage each

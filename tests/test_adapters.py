@@ -174,3 +174,25 @@ def test_depthwise_conv_equals_grouped_conv(size):
   for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
                   jax.tree.leaves(jax.grad(loss(grouped), argnums=(0, 1))(params, x))):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_depthwise_conv_accumulates_in_f32_at_bf16():
+  """bf16 inputs: the output is the exact sum (f64 of the bf16 values) rounded once to
+  bf16, i.e. within 2^-8 relative; a bf16 running sum of 49 taps is off by far more.
+  Same for the kernel gradient (a sum over batch and pixels)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 12, 12, 32)) + 3.0, jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(7, 7, 32)), jnp.bfloat16)
+  grad = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
+  out, vjp = jax.vjp(layers.depthwise_conv, x, kernel)
+  _, grad_kernel = vjp(grad)
+  assert out.dtype == grad_kernel.dtype == jnp.bfloat16
+
+  x64, k64, g64 = (np.asarray(a, np.float64) for a in (x, kernel, grad))
+  views = [np.pad(x64, ((0, 0), (3, 3), (3, 3), (0, 0)))[:, i:i + 12, j:j + 12]
+           for i in range(7) for j in range(7)]
+  exact_out = sum(view * tap for view, tap in zip(views, k64.reshape(49, -1)))
+  exact_grad_kernel = np.stack([(view * g64).sum((0, 1, 2)) for view in views]).reshape(7, 7, -1)
+  for ours, exact in ((out, exact_out), (grad_kernel, exact_grad_kernel)):
+    relative = np.abs(np.asarray(ours, np.float64) - exact) / np.abs(exact)
+    assert relative.max() <= 2.0**-8 * 1.001, relative.max()

@@ -2,8 +2,6 @@
 image path, loss, one optimisation step on the trainable tree, overfitting, bf16 compute,
 ablations and loading the frozen encoders from Hugging Face folders."""
 
-import time
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -54,6 +52,17 @@ def tiny():
   params, reports = s4eca.load_encoder_weights(model, config, params)
   assert all("random init" in r for r in reports)
   return config, model, params
+
+
+def _live(params, seed=3):
+  """Every all-zero leaf (biases, the adapters' "up", the spatial conv) replaced by noise,
+  so that no path through the model is closed by a zero weight."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  rng = np.random.default_rng(seed)
+  for path, leaf in sorted(flat.items()):
+    if not np.any(np.asarray(leaf)):
+      flat[path] = jnp.asarray(0.5 * rng.normal(size=leaf.shape), leaf.dtype)
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _forward(model):
@@ -111,21 +120,39 @@ def test_language_reaches_the_image_path(tiny):
 
 
 def test_language_guidance_off_sees_no_text(tiny):
+  """Blind: two expressions of different lengths give the same logits, bit for bit."""
   config, _, params = tiny
+  params = _live(params)
+  assert all(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(params))
   model = s4eca.build_model(_config(language_guidance=False))
   batch = _batch(config)
+  other_batch = _batch(config, seed=5)
+  assert np.any(other_batch["attention_mask"].sum(1) != batch["attention_mask"].sum(1))
   forward = _forward(model)
   out, state = forward(params, batch["image"], batch["input_ids"], batch["attention_mask"])
-  other, _ = forward(params, batch["image"], _other_expression(batch), batch["attention_mask"])
+  other, _ = forward(params, batch["image"], other_batch["input_ids"],
+                     other_batch["attention_mask"])
   assert not np.any(np.asarray(state["intermediates"]["proxies"][0]))
   assert np.all(np.isfinite(out["logits"]))
   for maps in _adapter_outputs(state, "spatial_maps"):
     assert np.all(np.isfinite(maps))
   np.testing.assert_array_equal(out["logits"], other["logits"])
+  # With guidance the same two expressions do change the logits.
+  guided = _forward(tiny[1])
+  ours, _ = guided(params, batch["image"], batch["input_ids"], batch["attention_mask"])
+  theirs, _ = guided(params, batch["image"], other_batch["input_ids"],
+                     other_batch["attention_mask"])
+  assert float(jnp.abs(ours["logits"] - theirs["logits"]).max()) > 1e-3
 
 
-def test_bf16_compute_keeps_f32_params_and_logits(tiny):
+# bf16 against f32 logits on the tiny model with live adapters, as a fraction of the f32
+# logits' standard deviation (measured: max 0.089, mean 0.025 on CPU).
+BF16_MAX_ERROR, BF16_MEAN_ERROR = 0.15, 0.05
+
+
+def test_bf16_compute_agrees_with_f32(tiny):
   config, _, params = tiny
+  params = _live(params)
   model = s4eca.build_model(_config(compute_dtype="bfloat16"))
   batch = _batch(config)
   out, _ = _forward(model)(params, batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -133,7 +160,10 @@ def test_bf16_compute_keeps_f32_params_and_logits(tiny):
                                    batch["attention_mask"])
   assert out["logits"].dtype == jnp.float32
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
-  np.testing.assert_allclose(out["logits"], reference["logits"], atol=0.25)
+  error = np.abs(np.asarray(out["logits"]) - np.asarray(reference["logits"]))
+  scale = float(np.std(reference["logits"]))
+  assert error.max() <= BF16_MAX_ERROR * scale, (error.max() / scale, error.mean() / scale)
+  assert error.mean() <= BF16_MEAN_ERROR * scale, (error.max() / scale, error.mean() / scale)
 
 
 def test_ablation_configs_build():
@@ -178,6 +208,7 @@ def train_setup(tiny):
 
   @jax.jit
   def step(trainable, opt_state, batch):
+    """-> (new trainable, new optimizer state, loss, the gradient this step applied)."""
     def loss_fn(trainable):
       out = model.apply({"params": partition.merge(trainable, frozen)}, batch["image"],
                         batch["input_ids"], batch["attention_mask"])
@@ -185,7 +216,7 @@ def train_setup(tiny):
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+    return optax.apply_updates(trainable, updates), opt_state, loss, grads
 
   return trainable, frozen, tx, step
 
@@ -210,7 +241,7 @@ def test_one_step_updates_every_trainable_group_and_no_frozen_leaf(tiny, train_s
   assert frozen_paths and not opt_paths & frozen_paths  # no optimizer state for frozen leaves
   assert set(partition.flatten(trainable)) <= opt_paths
 
-  new_trainable, _, loss = step(trainable, opt_state, _batch(config))
+  new_trainable, _, loss, _ = step(trainable, opt_state, _batch(config))
   assert np.isfinite(float(loss))
   new_flat = partition.flatten(new_trainable)
   for group, leaves in _groups(trainable).items():
@@ -221,20 +252,33 @@ def test_one_step_updates_every_trainable_group_and_no_frozen_leaf(tiny, train_s
       np.testing.assert_array_equal(merged[path], leaf)
 
 
+def test_every_adapter_leaf_has_a_gradient_after_two_steps(tiny, train_setup):
+  """Fresh adapters start as the identity (zero "up"), so their inner leaves get no
+  gradient at step 0; once "up" has moved, every leaf must."""
+  config = tiny[0]
+  trainable, _, tx, step = train_setup
+  batch = _batch(config, seed=2)
+  opt_state = tx.init(trainable)
+  for _ in range(3):  # the third step's gradient is taken after two updates
+    trainable, opt_state, _, grads = step(trainable, opt_state, batch)
+  grads = partition.flatten(grads)
+  adapter_paths = [p for p in grads if "/adapter/" in p or p.startswith("textual_adapter/")]
+  assert len(adapter_paths) > 40
+  dead = [p for p in adapter_paths if not np.any(np.asarray(grads[p]))]
+  assert not dead, dead
+
+
 def test_overfits_a_few_examples(tiny, train_setup):
   config = tiny[0]
   trainable, _, tx, step = train_setup
   batch = _batch(config, seed=1)
   opt_state = tx.init(trainable)
-  start = time.time()
   losses_seen = []
   for _ in range(80):
-    trainable, opt_state, loss = step(trainable, opt_state, batch)
+    trainable, opt_state, loss, _ = step(trainable, opt_state, batch)
     losses_seen.append(float(loss))
-  elapsed = time.time() - start
   # Falls >= 10x, and to a Dice + BCE small enough that the masks are nearly exact.
   assert losses_seen[-1] < losses_seen[0] / 10 and losses_seen[-1] < 0.05, losses_seen[::10]
-  assert elapsed < 60, elapsed
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ def test_rrsisd_adapters_are_the_papers_share_of_the_encoders():
   counts = param_table.summary(s4eca.abstract_params(run_fixtures.config("rrsisd")))
   # DINOv2-B/14-reg4 (86.58M) + CLIP B/16 text with projection (63.43M), as in HF.
   assert counts["encoders"] == 150_010_880
+  assert counts["adapters"] == 3_761_870  # r=112 with 2 heads (head size 56): 2.51%
   assert abs(param_table.adapter_percent(counts) - 2.4) <= 0.2, param_table.adapter_percent(counts)
   assert counts["adapters"] + counts["encoders"] + counts["decoder"] == counts["total"]
 

@@ -131,6 +131,9 @@ class VisualAdapter(nn.Module):
   scale_selection: bool = True  # False: uniform weights 1/K
   spatial_selection: bool = True  # False: maps of ones
   spatial_kernel: int = 7
+  # Standardise each input map of the spatial conv over (h, w): cosine maps lie in [-1, 1],
+  # the branch statistics have the features' scale. False: the raw maps.
+  spatial_standardize: bool = True
   cross_attention: bool = True
   num_heads: int = 4
   dtype: Any = jnp.float32
@@ -168,7 +171,9 @@ class VisualAdapter(nn.Module):
     if self.spatial_selection:
       cosine = jnp.einsum("bhwc,bqc->bhwq", l2_normalize(fused), l2_normalize(proxies))
       stats = jnp.concatenate([branches.mean(-1), branches.max(-1)], axis=-1)  # (B, h, w, 2K)
-      maps_in = standardize_over_space(jnp.concatenate([cosine, stats], axis=-1))
+      maps_in = jnp.concatenate([cosine, stats.astype(jnp.float32)], axis=-1)  # (B, h, w, Nq+2K)
+      if self.spatial_standardize:
+        maps_in = standardize_over_space(maps_in)
       # Zero init: every map starts at 0.5 everywhere and learns where to select.
       spatial_maps = jax.nn.sigmoid(nn.Conv(
           num_scales, (self.spatial_kernel,) * 2, padding="SAME", dtype=self.dtype,

@@ -211,10 +211,17 @@ def _shifted_views(x, k: int, before: int, after: int):
 
 
 def _shifted_sum(x, kernel, before: int, after: int):
-  """sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j]: x (B, H, W, C), kernel (k, k, C)."""
+  """sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j]: x (B, H, W, C), kernel (k, k, C).
+
+  Products and their sum are in f32 whatever x's dtype (as cuDNN accumulates a bf16
+  convolution): a 7x7 kernel adds 49 products, and a bf16 running sum would round each.
+  The result is cast back to x's dtype.
+  """
   k = kernel.shape[0]
-  return sum(view * tap for view, tap in zip(_shifted_views(x, k, before, after),
-                                             kernel.reshape(k * k, -1)))
+  taps = kernel.astype(jnp.float32).reshape(k * k, -1)
+  total = sum(view.astype(jnp.float32) * tap
+              for view, tap in zip(_shifted_views(x, k, before, after), taps))
+  return total.astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -222,8 +229,9 @@ def depthwise_conv(x, kernel):
   """Depthwise "SAME" convolution, stride 1: x (B, H, W, C), kernel (k, k, C).
 
   Shifted products summed, forward and backward (the input gradient is the same sum with
-  the flipped kernel; the kernel gradient one reduction per tap). Autodiff of the slices
-  would pad every tap's gradient to full size, which XLA:CPU does not fuse.
+  the flipped kernel; the kernel gradient one reduction per tap), accumulated in f32.
+  Autodiff of the slices would pad every tap's gradient to full size, which XLA:CPU does
+  not fuse.
   """
   return _shifted_sum(x, kernel, *_same_padding(kernel.shape[0]))
 
@@ -236,8 +244,9 @@ def _depthwise_bwd(residuals, grad):
   x, kernel = residuals
   k = kernel.shape[0]
   before, after = _same_padding(k)
-  grad_x = _shifted_sum(grad, kernel[::-1, ::-1], after, before)
-  grad_kernel = jnp.stack([jnp.sum(view * grad, axis=(0, 1, 2))
+  grad_x = _shifted_sum(grad, kernel[::-1, ::-1], after, before).astype(x.dtype)
+  grad_f32 = grad.astype(jnp.float32)
+  grad_kernel = jnp.stack([jnp.sum(view.astype(jnp.float32) * grad_f32, axis=(0, 1, 2))
                            for view in _shifted_views(x, k, before, after)])
   return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 

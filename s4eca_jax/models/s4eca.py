@@ -32,7 +32,8 @@ class S4ECA(nn.Module):
   """Referring segmentation with frozen encoders, language-guided adapters and a decoder.
 
   language_guidance=False is the language-blind ablation: the image path and the decoder
-  see zeros instead of the proxies, word tokens and sentence vector.
+  see zeros instead of the proxies, word tokens and sentence vector, and every word slot
+  counts as valid, so nothing of the expression (not even its length) reaches the output.
   """
 
   image_encoder: vit.VisionTransformer  # built with adapter=VisualAdapter factory
@@ -40,6 +41,7 @@ class S4ECA(nn.Module):
   decoder: decoder.Decoder
   textual_adapter: adapters.TextualAdapter | None = None  # None: proxies = Dense(sentence)
   decoder_taps: Sequence[int] = (4, 8)  # image blocks; the final normed tokens come last
+  decoder_tap_norm: bool = False  # the taps through the image encoder's final norm too
   language_guidance: bool = True
   dtype: Any = jnp.float32
 
@@ -57,16 +59,19 @@ class S4ECA(nn.Module):
     else:
       proxies = nn.Dense(self.image_encoder.width, dtype=self.dtype,
                          name="sentence_proxy")(sentence)[:, None]  # (B, 1, D)
+    word_mask = attention_mask
     if not self.language_guidance:
       words, sentence, proxies = map(jnp.zeros_like, (words, sentence, proxies))
+      word_mask = jnp.ones_like(attention_mask)  # the padding would tell the length
     self.sow("intermediates", "proxies", proxies)
 
-    image_out = self.image_encoder(images, taps=self.decoder_taps, adapter_context=proxies)
+    image_out = self.image_encoder(images, taps=self.decoder_taps, adapter_context=proxies,
+                                   norm_taps=self.decoder_tap_norm)
     grid = self.image_encoder.grid_size(images.shape[1], images.shape[2])
     to_map = lambda tokens: vit.patch_grid(tokens, self.image_encoder.num_prefix, grid)
     feature_maps = [to_map(image_out["taps"][k]) for k in self.decoder_taps]
     feature_maps.append(to_map(image_out["tokens"]))  # each (B, h, w, D)
-    return self.decoder(feature_maps, sentence, words, attention_mask, proxies,
+    return self.decoder(feature_maps, sentence, words, word_mask, proxies,
                         images.shape[1:3], images=images)
 
 
@@ -105,13 +110,14 @@ def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -
       adapters.VisualAdapter, width=va.width, kernel_sizes=tuple(va.kernel_sizes),
       dense_connectivity=va.dense_connectivity, scale_selection=va.scale_selection,
       spatial_selection=va.spatial_selection, spatial_kernel=va.spatial_kernel,
-      cross_attention=va.cross_attention, num_heads=va.num_heads, dtype=dtype)
+      spatial_standardize=va.spatial_standardize, cross_attention=va.cross_attention, num_heads=va.num_heads, dtype=dtype)
   image_encoder = vit.VisionTransformer(
       family=IMAGE_KINDS[image_cfg.kind], **_module_kwargs(image_cfg), adapter=visual_adapter,
       adapter_blocks=tuple(va.blocks), adapter_scale=va.scale, attention=attention,
-      fused_qkv=fused_qkv, dtype=dtype)
+      fused_qkv=fused_qkv, f32_residual=m.f32_residual, dtype=dtype)
   text_encoder = TEXT_ENCODERS[text_cfg.kind](
-      **_module_kwargs(text_cfg), attention=text_attention, fused_qkv=fused_qkv, dtype=dtype)
+      **_module_kwargs(text_cfg), attention=text_attention, fused_qkv=fused_qkv,
+      f32_residual=m.f32_residual, dtype=dtype)
   textual_adapter = None
   if ta.enabled:
     textual_adapter = adapters.TextualAdapter(
@@ -125,7 +131,8 @@ def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -
           projector_dims=tuple(dec.projector_dims), coordinate_freqs=dec.coordinate_freqs,
           pixel_dim=dec.pixel_dim, norm_groups=dec.norm_groups, attention=attention,
           dtype=dtype),
-      decoder_taps=tuple(dec.taps), language_guidance=m.language_guidance, dtype=dtype)
+      decoder_taps=tuple(dec.taps), decoder_tap_norm=dec.tap_norm,
+      language_guidance=m.language_guidance, dtype=dtype)
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):

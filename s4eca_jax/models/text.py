@@ -56,11 +56,13 @@ class TextBlock(nn.Module):
   is_causal: bool = False
   attention: str = "xla"
   fused_qkv: bool = False
+  f32_residual: bool = True  # post-LN: the norms write the stream, in f32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, key_mask):
-    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+    norm_dtype = jnp.float32 if self.f32_residual and not self.pre_norm else self.dtype
+    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=norm_dtype, name=name)
     attn = lambda h: layers.MultiHeadAttention(
         self.num_heads, attention=self.attention, fused_qkv=self.fused_qkv, dtype=self.dtype,
         name="attn")(h, key_mask=key_mask, is_causal=self.is_causal)
@@ -90,6 +92,7 @@ class ClipTextEncoder(_AdapterHook):
   remat: bool | str = False  # layers.REMAT_POLICIES
   attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
   fused_qkv: bool = False
+  f32_residual: bool = True  # the residual stream in f32, the blocks in dtype (vit.py)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -98,13 +101,13 @@ class ClipTextEncoder(_AdapterHook):
     x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(input_ids)
     pos = self.param("pos_embedding", nn.initializers.normal(0.01),
                      (self.max_positions, self.width))
-    x = (x + pos[None, :length]).astype(self.dtype)
+    x = (x + pos[None, :length]).astype(jnp.float32 if self.f32_residual else self.dtype)
 
     block_cls = layers.remat_block(TextBlock, self.remat)
     make_block = lambda k: (lambda h: block_cls(
         self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=True,
         is_causal=True, attention=self.attention, fused_qkv=self.fused_qkv,
-        dtype=self.dtype, name=f"block_{k}")(h, attention_mask))
+        f32_residual=self.f32_residual, dtype=self.dtype, name=f"block_{k}")(h, attention_mask))
     x, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
     tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
 
@@ -142,6 +145,7 @@ class BertEncoder(_AdapterHook):
   remat: bool | str = False  # layers.REMAT_POLICIES
   attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
   fused_qkv: bool = False
+  f32_residual: bool = True  # the residual stream in f32, the blocks in dtype (vit.py)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -157,13 +161,15 @@ class BertEncoder(_AdapterHook):
     x = (nn.Embed(self.vocab_size, self.width, name="word_embedding")(input_ids)
          + nn.Embed(self.max_positions, self.width, name="pos_embedding")(jnp.arange(length))[None]
          + nn.Embed(self.type_vocab_size, self.width, name="type_embedding")(token_type_ids))
-    x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
+    stream_dtype = jnp.float32 if self.f32_residual else self.dtype
+    x = nn.LayerNorm(self.layer_norm_eps, dtype=stream_dtype, name="embed_norm")(
+        x.astype(stream_dtype))
 
     block_cls = layers.remat_block(TextBlock, self.remat)
     make_block = lambda k: (lambda h: block_cls(
         self.num_heads, self.mlp_dim, self.act, self.layer_norm_eps, pre_norm=False,
-        attention=self.attention, fused_qkv=self.fused_qkv, dtype=self.dtype,
-        name=f"block_{k}")(h, attention_mask))
+        attention=self.attention, fused_qkv=self.fused_qkv, f32_residual=self.f32_residual,
+        dtype=self.dtype, name=f"block_{k}")(h, attention_mask))
     tokens, tapped, state = self.run_blocks(x, attention_mask, make_block, taps)
 
     out = {"tokens": tokens, "taps": tapped, "adapter_state": state}

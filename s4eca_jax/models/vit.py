@@ -82,6 +82,9 @@ class VisionTransformer(nn.Module):
   remat: bool | str = False  # layers.REMAT_POLICIES
   attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
   fused_qkv: bool = False
+  # The residual stream stays f32 while the blocks compute in `dtype`, as under PyTorch
+  # autocast: a bf16 stream would be rounded at every residual addition.
+  f32_residual: bool = True
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -105,8 +108,14 @@ class VisionTransformer(nn.Module):
     return height // self.patch_size, width // self.patch_size
 
   @nn.compact
-  def __call__(self, images, *, taps: Sequence[int] = (), adapter_context=None):
-    """images: (B, H, W, 3) -> {"tokens": (B, T, D), "taps": {k: (B, T, D)}}."""
+  def __call__(self, images, *, taps: Sequence[int] = (), adapter_context=None,
+               norm_taps: bool = False):
+    """images: (B, H, W, 3) -> {"tokens": (B, T, D), "taps": {k: (B, T, D)}}.
+
+    norm_taps: the tapped tokens go through the final norm too, as DINOv2's
+    get_intermediate_layers(norm=True) (its raw intermediate tokens have a few very large
+    channels).
+    """
     is_clip = self.family == "clip"
     batch = images.shape[0]
     grid = self.grid_size(images.shape[1], images.shape[2])
@@ -132,7 +141,9 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
     if is_clip:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
+    x = x.astype(jnp.float32 if self.f32_residual else self.dtype)  # (B, T, D) the stream
 
+    final_norm = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")
     block_cls = layers.remat_block(VisionBlock, self.remat)
     tapped = {}
     for k in range(1, self.depth + 1):
@@ -146,9 +157,8 @@ class VisionTransformer(nn.Module):
           fused_qkv=self.fused_qkv, dtype=self.dtype, name=f"block_{k}",
       )(x, adapter_context)
       if k in taps:
-        tapped[k] = x
-    tokens = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
-    return {"tokens": tokens, "taps": tapped}
+        tapped[k] = final_norm(x) if norm_taps else x
+    return {"tokens": final_norm(x), "taps": tapped}
 
 
 def patch_grid(tokens: jax.Array, num_prefix: int, grid: tuple[int, int]) -> jax.Array:
