@@ -159,6 +159,7 @@ class VisualAdapter(nn.Module):
     self.width, self.kernel_sizes = va.width, tuple(va.kernel_sizes)
     self.scale_selection, self.spatial_selection = va.scale_selection, va.spatial_selection
     self.cross_attention = va.cross_attention
+    self.spatial_standardize = va.get("spatial_standardize", True)
     num_scales, width = len(self.kernel_sizes), va.width
     self.down = nn.Linear(dim, width)
     if self.scale_selection or self.spatial_selection or self.cross_attention:
@@ -193,7 +194,9 @@ class VisualAdapter(nn.Module):
     if self.spatial_selection:
       cosine = torch.einsum("bhwc,bqc->bhwq", l2_normalize(fused), l2_normalize(proxies))
       stats = torch.cat([branches.mean(-1), branches.amax(-1)], dim=-1)  # (B, h, w, 2K)
-      maps_in = standardize_over_space(torch.cat([cosine, stats], dim=-1))
+      maps_in = torch.cat([cosine, stats], dim=-1)  # (B, h, w, Nq + 2K)
+      if self.spatial_standardize:
+        maps_in = standardize_over_space(maps_in)
       spatial_maps = torch.sigmoid(conv_nhwc(self.spatial_conv, maps_in))  # (B, h, w, K)
     else:
       spatial_maps = torch.ones(branches.shape[:4], device=n.device, dtype=n.dtype)
@@ -345,6 +348,7 @@ class S4ECAReference(nn.Module):
     self.patch_size = image_cfg.patch_size
     self.adapter_scale = m.visual_adapter.scale
     self.decoder_taps = tuple(m.decoder.taps)
+    self.tap_norm = m.decoder.get("tap_norm", False)
     self.language_guidance = m.language_guidance
     self.pooling = flax_model.text_encoder.pooling if text_cfg.kind == "bert" else None
     self.image_encoder, self.text_encoder = image_encoder, text_encoder
@@ -429,6 +433,12 @@ class S4ECAReference(nn.Module):
       sentence = out.pooler_output
     return tokens, sentence, {k: out.hidden_states[k] for k in taps}
 
+  def final_norm(self, tokens):
+    """The image encoder's final norm (our ViT's `final_norm`)."""
+    if self.image_kind == "clip_vision":
+      return self.image_encoder.vision_model.post_layernorm(tokens)
+    return self.image_encoder.layernorm(tokens)
+
   def forward(self, images, input_ids, attention_mask):
     """images: (B, 3, H, W) normalised; input_ids, attention_mask: (B, L) int."""
     text_taps = self.textual_adapter.blocks if hasattr(self, "textual_adapter") else ()
@@ -437,8 +447,10 @@ class S4ECAReference(nn.Module):
       proxies = self.textual_adapter(taps, attention_mask)
     else:
       proxies = self.sentence_proxy(sentence)[:, None]
+    word_mask = attention_mask
     if not self.language_guidance:
       words, sentence, proxies = map(torch.zeros_like, (words, sentence, proxies))
+      word_mask = torch.ones_like(attention_mask)  # the padding would tell the length
 
     grid = (images.shape[2] // self.patch_size, images.shape[3] // self.patch_size)
     self._adapter_inputs = (proxies, grid)
@@ -449,11 +461,14 @@ class S4ECAReference(nn.Module):
       self._adapter_inputs = None
     final = out.last_hidden_state
     if self.image_kind == "clip_vision":  # HF applies post_layernorm to the pooled CLS only
-      final = self.image_encoder.vision_model.post_layernorm(final)
+      final = self.final_norm(final)
     to_map = lambda tokens: tokens[:, self.num_prefix:].reshape(
         tokens.shape[0], grid[0], grid[1], tokens.shape[-1])
-    feature_maps = [to_map(out.hidden_states[k]) for k in self.decoder_taps] + [to_map(final)]
-    return self.decoder(feature_maps, sentence, words, attention_mask, proxies,
+    taps = [out.hidden_states[k] for k in self.decoder_taps]
+    if self.tap_norm:  # through the final norm, as the last hidden state
+      taps = [self.final_norm(tokens) for tokens in taps]
+    feature_maps = [to_map(tokens) for tokens in taps] + [to_map(final)]
+    return self.decoder(feature_maps, sentence, words, word_mask, proxies,
                         images.shape[2:], images.permute(0, 2, 3, 1))
 
 

@@ -83,8 +83,10 @@ def test_reference_matches_jax_on_the_trained_export(run, language_guidance):
     {},
     {"model.textual_adapter.enabled": False, "model.visual_adapter.scale_selection": False,
      "model.visual_adapter.dense_connectivity": False, "model.decoder.sentence_gate": False,
-     "model.decoder.pixel_dim": 8, "model.decoder.coordinate_freqs": 2},
-], ids=["default", "switches"])
+     "model.decoder.pixel_dim": 8, "model.decoder.coordinate_freqs": 2,
+     "model.visual_adapter.spatial_standardize": False, "model.decoder.tap_norm": True},
+    {"model.language_guidance": False},
+], ids=["default", "switches", "blind"])
 def test_reference_matches_jax_on_random_params(tmp_path, overrides):
   """Every leaf random (zero-initialised up-projections and spatial convs included), so
   that each adapter and decoder part moves the logits."""
