@@ -53,8 +53,8 @@ def test_xla_and_pallas_match_reference_and_padded_rows_are_finite(causal):
 
 
 def test_pallas_gradients_match_xla():
-  q, k, v = _qkv(batch=2)
-  key_mask = _key_mask(batch=2)
+  q, k, v = _qkv(batch=3)
+  key_mask = _key_mask(batch=3)
   loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
       q, k, v, key_mask=key_mask, implementation=implementation))))
   with pltpu.force_tpu_interpret_mode():
