@@ -19,22 +19,12 @@ import argparse
 import json
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s4eca_jax import run_setup
+from s4eca_jax import partition, run_setup
 from s4eca_jax.models import s4eca
-
-
-def live(params, seed=3):
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  rng = np.random.default_rng(seed)
-  for path, leaf in sorted(flat.items()):
-    if not np.any(np.asarray(leaf)):
-      flat[path] = jnp.asarray(0.5 * rng.normal(size=leaf.shape), leaf.dtype)
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def inputs(config, batch_size, seed=0):
@@ -74,7 +64,7 @@ def main():
   model = s4eca.build_model(config)
   params = jax.jit(model.init)(jax.random.PRNGKey(args.seed),
                                *s4eca.example_inputs(config))["params"]
-  params = live(params, args.seed + 3)
+  params = partition.perturb_zero_leaves(params, args.seed + 3)
   batch = inputs(config, args.batch_size, args.seed)
 
   def run(model, proxies=None):

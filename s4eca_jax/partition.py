@@ -87,3 +87,15 @@ def describe(params: Any, rules: Sequence[Sequence[str]]) -> str:
   total = count_params(list(flat.values()))
   lines.append(f"  trainable {trainable:,} of {total:,} params ({100 * trainable / total:.2f}%)")
   return "Trainable split (first matching rule wins):\n" + "\n".join(lines)
+
+
+def perturb_zero_leaves(params: Any, seed: int = 3, scale: float = 0.5) -> Any:
+  """Every all-zero leaf (biases, the adapters' zero-initialised "up", the spatial conv)
+  replaced by N(0, scale^2) noise, so that no path through the model is closed by a zero
+  weight (tests of what reaches the output, bf16 agreement with live adapters)."""
+  flat = flatten(params)
+  rng = np.random.default_rng(seed)
+  for path, leaf in sorted(flat.items()):
+    if not np.any(np.asarray(leaf)):
+      flat[path] = jax.numpy.asarray(scale * rng.normal(size=leaf.shape), leaf.dtype)
+  return unflatten(flat)

@@ -54,17 +54,6 @@ def tiny():
   return config, model, params
 
 
-def _live(params, seed=3):
-  """Every all-zero leaf (biases, the adapters' "up", the spatial conv) replaced by noise,
-  so that no path through the model is closed by a zero weight."""
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  rng = np.random.default_rng(seed)
-  for path, leaf in sorted(flat.items()):
-    if not np.any(np.asarray(leaf)):
-      flat[path] = jnp.asarray(0.5 * rng.normal(size=leaf.shape), leaf.dtype)
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
 def _forward(model):
   return jax.jit(lambda params, images, ids, mask: model.apply(
       {"params": params}, images, ids, mask, mutable="intermediates"))
@@ -122,7 +111,7 @@ def test_language_reaches_the_image_path(tiny):
 def test_language_guidance_off_sees_no_text(tiny):
   """Blind: two expressions of different lengths give the same logits, bit for bit."""
   config, _, params = tiny
-  params = _live(params)
+  params = partition.perturb_zero_leaves(params)
   assert all(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(params))
   model = s4eca.build_model(_config(language_guidance=False))
   batch = _batch(config)
@@ -152,7 +141,7 @@ BF16_MAX_ERROR, BF16_MEAN_ERROR = 0.15, 0.05
 
 def test_bf16_compute_agrees_with_f32(tiny):
   config, _, params = tiny
-  params = _live(params)
+  params = partition.perturb_zero_leaves(params)
   model = s4eca.build_model(_config(compute_dtype="bfloat16"))
   batch = _batch(config)
   out, _ = _forward(model)(params, batch["image"], batch["input_ids"], batch["attention_mask"])
