@@ -40,8 +40,9 @@ def synthetic_batch(config, batch_size: int, mesh) -> dict:
   return sharding.global_batch(batch, sharding.batch_sharding(mesh))
 
 
-def timed(fn, args_fn, steps: int, warmup: int) -> list[float]:
-  """Seconds per call, each synchronised; args_fn(out) feeds the next call (donation)."""
+def timed(fn, args_fn, steps: int, warmup: int) -> tuple[list[float], object]:
+  """(seconds per call, the last call's output); each call synchronised, args_fn(out)
+  feeds the next call (the train step donates its state)."""
   out = None
   for _ in range(warmup):
     out = fn(*args_fn(out))
@@ -52,7 +53,7 @@ def timed(fn, args_fn, steps: int, warmup: int) -> list[float]:
     out = fn(*args_fn(out))
     jax.block_until_ready(out)
     seconds.append(time.perf_counter() - start)
-  return seconds
+  return seconds, out
 
 
 def matmul_rate(size: int, steps: int) -> float:
@@ -60,7 +61,7 @@ def matmul_rate(size: int, steps: int) -> float:
   keys = jax.random.split(jax.random.PRNGKey(0))
   a, b = (jax.random.normal(k, (size, size), jnp.bfloat16) for k in keys)
   matmul = jax.jit(lambda a, b: a @ b)
-  seconds = timed(matmul, lambda _: (a, b), steps, 2)
+  seconds, _ = timed(matmul, lambda _: (a, b), steps, 2)
   return 2 * size**3 / statistics.median(seconds)
 
 
@@ -115,7 +116,9 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
       holder["state"] = out[0]
     return holder["state"], setup.frozen, batch
 
-  results["train"] = summary(timed(train_step, step_args, steps, warmup), batch_size)
+  seconds, (state, _) = timed(train_step, step_args, steps, warmup)
+  holder["state"] = state  # the last step's output: its input was donated
+  results["train"] = summary(seconds, batch_size)
   results["peak_bytes"], results["peak_source"] = peak_memory(train_step)
 
   if with_eval:
@@ -128,9 +131,9 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
     eval_batch = {k: v for k, v in batch.items() if k != "mask"}
     eval_fn = jax.jit(eval_step).lower(holder["state"]["params"], setup.frozen,
                                        eval_batch).compile()
-    results["eval"] = summary(timed(
-        eval_fn, lambda _: (holder["state"]["params"], setup.frozen, eval_batch), steps,
-        warmup), batch_size)
+    seconds, _ = timed(eval_fn, lambda _: (holder["state"]["params"], setup.frozen, eval_batch),
+                       steps, warmup)
+    results["eval"] = summary(seconds, batch_size)
 
   flops = model_flops(config, mesh, batch)
   results["gflop_per_image"] = flops / batch_size / 1e9

@@ -39,3 +39,18 @@ def test_donation_switch():
   assert donated()
   config.donate_state = False
   assert not donated()
+
+
+def test_bench_times_train_and_eval_steps(capsys):
+  # The train step donates its state: the eval timed after it must use the last step's
+  # output, not the donated input (which raised "Array has been deleted").
+  from s4eca_jax import bench  # pylint: disable=g-import-not-at-top
+
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  config.mesh = (("data", 2), ("fsdp", 1))
+  results = bench.run(config, batch_size=4, steps=2, warmup=1, matmul_size=64)
+  out = capsys.readouterr().out
+  for line in ("train step: ", "eval forward: ", "GFLOP/image", "MFU", "peak memory: "):
+    assert line in out, line
+  assert results["train"]["images_per_s_median"] > 0 and results["eval"]["images_per_s_min"] > 0
+  assert results["gflop_per_image"] > 0 and results["devices"] == 2
