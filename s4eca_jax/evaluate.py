@@ -66,6 +66,7 @@ class Evaluator:
     self.data_sharding = sharding.batch_sharding(mesh)
     self.threshold = config.get("mask_probability", 0.5)
     self._step = self._make_step(predict, param_shardings)
+    self._compiled = None
 
   def _make_step(self, predict, param_shardings):
     probability, original_size = self.threshold, self.original_size
@@ -107,7 +108,10 @@ class Evaluator:
     for batch in self.iterator():
       host_batch = batch
       batch = sharding.global_batch(batch, self.data_sharding)
-      accumulators, counts, pred = self._step(params, batch, accumulators)
+      if self._compiled is None:  # every process compiled before any runs it
+        self._compiled = sharding.compile_together(self._step, (params, batch, accumulators),
+                                                   "eval_step")
+      accumulators, counts, pred = self._compiled(params, batch, accumulators)
       if details:
         gathered = multihost_utils.process_allgather(
             {"index": batch["index"], "valid": batch["valid"], **counts}, tiled=True)

@@ -10,12 +10,14 @@ dimension that the axis size divides (ZeRO-3 style: XLA all-gathers them where t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost
 
 
 def initialize_distributed(config) -> None:
@@ -36,6 +38,26 @@ def initialize_distributed(config) -> None:
   if explicit["process_id"] is not None and explicit["process_id"] < 0:
     explicit["process_id"] = None
   jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+
+
+COMPILE_BARRIER_TIMEOUT_S = 3600  # a large step compiling on a slow host
+_barriers = itertools.count()
+
+
+def compile_together(jitted, args: Sequence[Any], name: str) -> Callable[..., Any]:
+  """jitted.lower(*args).compile(), then, with several processes, a barrier on the
+  coordination service before anyone runs it.
+
+  The first run of a step sets up its cross-process collectives (on CPU, a gloo context
+  that waits 30 s for its peers). A process whose compile is a persistent-cache hit
+  would otherwise reach it long before one that compiles (JAX writes the cache from
+  process 0 only), and the collective's set-up times out.
+  """
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    key = f"s4eca_compiled_{next(_barriers)}_{name}"  # the same sequence on every process
+    multihost.get_barrier_sync_fn()(key=key, timeout_ms=COMPILE_BARRIER_TIMEOUT_S * 1000)
+  return compiled
 
 
 def _axis_sizes(sizes, num_devices, what):

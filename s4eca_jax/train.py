@@ -13,13 +13,14 @@ with other model or data fields is refused. A run resumes from its newest intact
 checkpoint (damaged ones are named and moved to checkpoints_damaged/).
 SIGTERM/SIGINT save a checkpoint and stop; a non-finite loss stops the run with the last
 good checkpoint kept. On many hosts (config.distributed) every process runs this same
-command; a stop request on any one of them is agreed at the next step, so all save the
-same step and stop. W may be a bucket (gs://...).
+command; a SIGTERM to any one of them is agreed through JAX's preemption sync point, so
+all save the same step and stop. W may be a bucket (gs://...).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -27,7 +28,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags
 from etils import epath
 from jax.experimental import multihost_utils
@@ -80,10 +80,20 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 
 
 class StopRequest:
+  """SIGTERM / SIGINT / config.stop_after_steps -> stop at a step boundary with a checkpoint.
+
+  One process: Python handlers set a flag, checked after every step. Several processes
+  (config.distributed): jax.distributed.initialize installs JAX's preemption notifier for
+  SIGTERM (it replaces the Python handler), and `agreed(step)` asks JAX's preemption sync
+  point, which has every process agree on the same step through the coordination service
+  (no collective per step); SIGINT, or a signal that came before the runtime started, is
+  passed on as SIGTERM to this process, so that it goes the same way.
+  """
 
   def __init__(self):
     self.signal_name = None
     self._previous = {}
+    self._synced = False  # stop requests agreed through JAX's preemption sync point
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,16 +111,27 @@ class StopRequest:
   def __bool__(self):
     return self.signal_name is not None
 
-  def agreed(self) -> bool:
-    """Whether any process was asked to stop. Every process calls this at every step, so
-    all of them save that same step and stop together: a host that stopped alone would
-    leave the others waiting in a collective."""
+  def runtime_started(self) -> None:
+    """After sharding.initialize_distributed: hand signals to JAX's preemption notifier."""
     if jax.process_count() == 1:
-      return bool(self)
-    asked = multihost_utils.process_allgather(np.int32(bool(self)))
-    if asked.any() and not self:
-      self.signal_name = f"a stop request on process {int(np.argmax(asked))}"
-    return bool(asked.any())
+      return
+    self._synced = True
+    forward = lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGINT, forward)
+    if self.signal_name is not None:  # came during set-up, before the notifier existed
+      self.signal_name = None
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after `step`. Every process calls this at every step, so all of
+    them save that same step and stop together: a host that stopped alone would leave the
+    others waiting in a collective. config.stop_after_steps is the same step everywhere."""
+    if self.signal_name is not None:
+      return True
+    if self._synced and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = (f"a preemption notice (SIGTERM or Ctrl-C to one of the "
+                          f"{jax.process_count()} processes)")
+    return self.signal_name is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -136,6 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: StopRequest):
   # ---------------------------------------------------------------- config
   sharding.initialize_distributed(config)
+  stop.runtime_started()
   run_setup.check_workdir_config(config, workdir)  # refuses a different run's workdir
   log(f"workdir {workdir}: {jax.process_count()} process(es), {jax.device_count()} "
       f"{jax.default_backend()} device(s)")
@@ -208,10 +230,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: StopReq
     flush()  # never checkpoint a state whose loss went non-finite
     ckpt.save(step, state, train_iter.get_state(), metrics)
 
+  compiled = None
   try:
     while step < total_steps:
       batch = sharding.global_batch(next(train_iter), data_sharding)
-      state, metrics = train_step(state, setup.frozen, batch)
+      if compiled is None:  # every process compiled before any runs it
+        compiled = sharding.compile_together(train_step, (state, setup.frozen, batch),
+                                             "train_step")
+      state, metrics = compiled(state, setup.frozen, batch)
       step += 1
       images_seen += config.batch_size
       pending.append((step, metrics))
@@ -234,7 +260,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: StopReq
         saved = False
       if step == stop_after and step < total_steps:
         stop.signal_name = "config.stop_after_steps"
-      if stop.agreed():
+      if stop.agreed(step):
         log(f"\n{stop.signal_name}: stopping at step {step} with a checkpoint.")
         if not saved:
           save()
