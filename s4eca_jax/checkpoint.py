@@ -188,7 +188,11 @@ class Checkpointer:
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=best_fn, best_mode=best_mode,  # also makes orbax store the metrics
         enable_async_checkpointing=async_save, create=True,
-        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal)
+        # Step folders are made before save() returns: a failure there (a full disk, a
+        # folder that went away) raises here, where orbax's background creation left the
+        # main thread waiting for a signal that never came.
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal,
+                                       create_directories_asynchronously=False)
         if async_save else None)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))

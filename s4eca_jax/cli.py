@@ -21,6 +21,7 @@ from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 75
@@ -97,11 +98,16 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     # absl's own --help exits with status 1; a help request is not an error.
     print((module.__doc__ or "").strip() + "\n")
     print(FLAGS.main_module_help())
-    print("\nAlso: --debug shows the traceback of an error. Exit codes: 0 done, 1 error, "
+    print("\nAlso: --debug shows the traceback of an error; --verbosity=0 shows the "
+          "libraries' INFO logs. Exit codes: 0 done, 1 error, "
           f"2 usage error, {EXIT_STOPPED} stopped on request (rerun to resume).")
     sys.exit(EXIT_OK)
 
   def wrapped(args):
+    if not FLAGS["verbosity"].present:
+      # Libraries' INFO logs (orbax logs every save in dozens of lines) stay hidden unless
+      # asked for with --verbosity=0; warnings and errors still show.
+      logging.set_verbosity(logging.WARNING)
     if len(args) > 1 and not getattr(main, "takes_positional", False):
       raise UsageError(f"unexpected arguments {args[1:]}; flags are --name=value")
     try:

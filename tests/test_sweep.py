@@ -36,8 +36,6 @@ def test_product_and_zip():
       "03_lr=0.0003,dataset=a-b-c"  # a folder name: no slashes or spaces
 
 
-@pytest.mark.xfail(strict=False, reason="failed in the only full-suite run after the merges "
-                   "(2026-11-27), not diagnosed yet: issue 15 stays open until it passes")
 def test_sweep_runs_points_and_summarises(tiny_dataset, tmp_path):
   points = sweep.points_of(f"{run_fixtures.CONFIGS / 'rrsisd.py'}:variant=tiny")
   assert len(points) == 2
