@@ -13,6 +13,11 @@
 # synthetic batches; images/s, MFU, peak memory). Targets: train step >= 405 images/s
 # with peak <= 21 GiB; skeleton >= 55% of the matmul rate. Each step has a time limit, so
 # one slow step cannot eat the device budget (15 min in all).
+# On an H200 (2026-11-27) the full rrsisd step was still compiling after 200-262 s, three
+# times: compiled steps go to a persistent cache in $OUT/jax_cache (reused by a rerun on
+# the same warm machine), and XLA_GPU_AUTOTUNE=0 (XLA's --xla_gpu_autotune_level=0: no
+# GEMM/conv autotuning, a faster compile, maybe a slower step) is there to try if the
+# compile still does not fit.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_run}
@@ -20,6 +25,10 @@ mkdir -p "$OUT"
 PYTHON=${PYTHON:-python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}
+if [ -n "${XLA_GPU_AUTOTUNE:-}" ]; then
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=$XLA_GPU_AUTOTUNE"
+fi
 
 if [ -n "${WHEELS:-}" ]; then
   $PYTHON -m pip install -q --no-index --no-deps "$WHEELS"/*.whl > "$OUT/pip.log" 2>&1
