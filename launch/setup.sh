@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs the project with the tested versions (idempotent).
 #   bash launch/setup.sh          # the project (CPU jax): what the demo needs
-#   bash launch/setup.sh test     # + pytest and the CPU torch oracle: what the tests need
+#   bash launch/setup.sh test     # + pytest, the CPU torch oracle, libtpu (AOT test): what the tests need
 #   bash launch/setup.sh gpu      # + jax with CUDA 12 (NVIDIA GPUs)
 #   bash launch/setup.sh tpu      # + jax with libtpu (TPU VMs; AOT compiles on a CPU host)
 # Versions come from launch/constraints.txt (the set the suite passes on). PYTHON picks the
