@@ -275,3 +275,36 @@ def test_unreadable_annotation_files_name_the_file_and_line(tmp_path):
     pickle.dump([], f)
   with pytest.raises(layout_reader.LayoutError, match=r"instances.json:3:1: not valid JSON"):
     layout_reader.read_rrsisd_annotations(tmp_path)
+
+
+def test_worker_watchdog_ends_a_worker_whose_trainer_was_killed():
+  # The mechanism behind the test above, alone: a stand-in trainer forks a worker that
+  # runs pipeline._die_with (the worker_init_fn the trainer gives grain's workers) and then
+  # blocks; kill -9 of the trainer must end the worker, however busy it is.
+  script = (
+      "import os, sys, time\n"
+      "pid = os.fork()\n"
+      "if pid == 0:\n"
+      "  from s4eca_jax.data import pipeline\n"
+      "  pipeline._die_with(os.getppid(), 0, 1)\n"
+      "  print('ready', flush=True)\n"
+      "  time.sleep(600)\n"
+      "  os._exit(3)\n"
+      "print(pid, flush=True)\n"
+      "time.sleep(600)\n")
+  trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(run_fixtures.REPO)))
+  worker = int(trainer.stdout.readline())
+  try:
+    assert trainer.stdout.readline().strip() == "ready"
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not _running(worker), "the worker outlived its killed trainer"
+  finally:
+    if _running(worker):
+      os.kill(worker, signal.SIGKILL)
+    if trainer.poll() is None:
+      trainer.kill()
