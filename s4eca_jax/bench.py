@@ -108,16 +108,10 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
   train_step = run_setup.make_train_step(setup, config).lower(
       setup.state, setup.frozen, batch).compile()
   results["compile_s"] = time.perf_counter() - start
-  state = jax.tree.map(jnp.copy, setup.state)  # the step donates its input state
-  holder = {"state": state}
-
-  def step_args(out):
-    if out is not None:
-      holder["state"] = out[0]
-    return holder["state"], setup.frozen, batch
-
+  first = jax.tree.map(jnp.copy, setup.state)  # the step donates its input state
+  step_args = lambda out: (first if out is None else out[0], setup.frozen, batch)
+  # Each step's input state is donated: only the last step's output is alive afterwards.
   seconds, (state, _) = timed(train_step, step_args, steps, warmup)
-  holder["state"] = state  # the last step's output: its input was donated
   results["train"] = summary(seconds, batch_size)
   results["peak_bytes"], results["peak_source"] = peak_memory(train_step)
 
@@ -129,10 +123,9 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
       return metrics.masks_from_logits(logits.astype(jnp.float32), threshold)
 
     eval_batch = {k: v for k, v in batch.items() if k != "mask"}
-    eval_fn = jax.jit(eval_step).lower(holder["state"]["params"], setup.frozen,
-                                       eval_batch).compile()
-    seconds, _ = timed(eval_fn, lambda _: (holder["state"]["params"], setup.frozen, eval_batch),
-                       steps, warmup)
+    eval_fn = jax.jit(eval_step).lower(state["params"], setup.frozen, eval_batch).compile()
+    seconds, _ = timed(eval_fn, lambda _: (state["params"], setup.frozen, eval_batch), steps,
+                       warmup)
     results["eval"] = summary(seconds, batch_size)
 
   flops = model_flops(config, mesh, batch)
