@@ -82,12 +82,13 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 class StopRequest:
   """SIGTERM / SIGINT / config.stop_after_steps -> stop at a step boundary with a checkpoint.
 
-  One process: Python handlers set a flag, checked after every step. Several processes
-  (config.distributed): jax.distributed.initialize installs JAX's preemption notifier for
-  SIGTERM (it replaces the Python handler), and `agreed(step)` asks JAX's preemption sync
-  point, which has every process agree on the same step through the coordination service
-  (no collective per step); SIGINT, or a signal that came before the runtime started, is
-  passed on as SIGTERM to this process, so that it goes the same way.
+  One process: Python handlers set a flag, checked after every step. With
+  config.distributed (any number of processes): jax.distributed.initialize installs JAX's
+  preemption notifier for SIGTERM (it replaces the Python handler), and `agreed(step)`
+  asks JAX's preemption sync point, which has every process agree on the same step
+  through the coordination service (no collective per step); SIGINT, or a signal that
+  came before the runtime started, is passed on as SIGTERM to this process, so that it
+  goes the same way.
   """
 
   def __init__(self):
@@ -96,7 +97,10 @@ class StopRequest:
     self._synced = False  # stop requests agreed through JAX's preemption sync point
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Once jax.distributed runs, SIGTERM is its notifier's (a later run in the same
+    # process, e.g. a sweep's next point, must not put a Python handler over it).
+    owned = () if jax.distributed.is_initialized() else (signal.SIGTERM,)
+    for sig in (*owned, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -113,9 +117,10 @@ class StopRequest:
 
   def runtime_started(self) -> None:
     """After sharding.initialize_distributed: hand signals to JAX's preemption notifier."""
-    if jax.process_count() == 1:
+    if not jax.distributed.is_initialized():
       return
     self._synced = True
+    self._previous.pop(signal.SIGTERM, None)  # the notifier replaced ours: leave it there
     forward = lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM)
     signal.signal(signal.SIGINT, forward)
     if self.signal_name is not None:  # came during set-up, before the notifier existed
