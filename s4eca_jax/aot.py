@@ -131,7 +131,7 @@ def compile_steps(config, devices, batch_size: int, *, with_eval: bool = True):
 
 
 def describe(name: str, compiled, batch_size: int, chips: int,
-             chip: Chip | None) -> tuple[list[str], dict]:
+             chip: Chip | None, traffic_top: int = 0) -> tuple[list[str], dict]:
   """Lines of the per-chip table for one compiled step, and its numbers."""
   memory, cost = roofline.memory_of(compiled), roofline.cost_of(compiled)
   hlo = compiled.as_text()
@@ -170,6 +170,13 @@ def describe(name: str, compiled, batch_size: int, chips: int,
   else:
     lines.append("  collectives: none")
   numbers["collectives"] = collectives
+  if traffic_top:
+    by_source = roofline.traffic_by_source(hlo)
+    total = sum(by_source.values())
+    lines.append(f"  traffic by module (operands + result of each top-level HLO op, "
+                 f"{total / 1e9:.2f} GB in all, without Pallas re-reads), top {traffic_top}:")
+    for source, moved in sorted(by_source.items(), key=lambda kv: -kv[1])[:traffic_top]:
+      lines.append(f"    {moved / 1e9:8.2f} GB  {moved / total:5.1%}  {source}")
   return lines, numbers
 
 
@@ -213,7 +220,8 @@ def largest_batch(config, devices, per_chip: int, memory: dict, chip: Chip | Non
 
 
 def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
-        with_eval: bool = True) -> dict[str, Any]:
+        with_eval: bool = True, traffic_top: int = 0,
+        hlo_dir: str | None = None) -> dict[str, Any]:
   """Compiles the steps, prints the table; returns its numbers."""
   if topology != "local" and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # a CPU host compiling for TPU
@@ -233,7 +241,13 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
           f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, {chip.hbm_bytes / GiB:.0f} GiB (datasheet)")
   results = {"chips": chips, "chip": chip_name, "batch_size": batch_size}
   for name in ("train", "eval") if with_eval else ("train",):
-    lines, numbers = describe(name, compiled[name], batch_size, chips, chip)
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      path = os.path.join(hlo_dir, f"{name}_step.hlo.txt")
+      with open(path, "w") as f:
+        f.write(compiled[name].as_text())
+      print(f"  {name} step HLO: {path}")
+    lines, numbers = describe(name, compiled[name], batch_size, chips, chip, traffic_top)
     print("\n".join(lines))
     results[name] = numbers
   memory = results["train"]["memory"]
@@ -253,6 +267,9 @@ def define_flags() -> None:
   flags.DEFINE_enum("fit", "estimate", ["estimate", "search"],
                     "largest per-chip batch: linear estimate or bisection on compiles")
   flags.DEFINE_bool("train_only", False, "skip the eval step")
+  flags.DEFINE_string("hlo_dir", None, "also write each step's optimised HLO text there")
+  flags.DEFINE_integer("traffic_top", 0, "also list the N module paths (forward/backward) "
+                       "that move the most bytes")
 
 
 def main(argv) -> None:
@@ -261,7 +278,8 @@ def main(argv) -> None:
     topology_shape(FLAGS.topology) if FLAGS.topology != "local" else None
   except ValueError as error:
     raise cli.UsageError(str(error)) from None
-  run(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.fit, not FLAGS.train_only)
+  run(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.fit, not FLAGS.train_only,
+      FLAGS.traffic_top, FLAGS.hlo_dir)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def test_topology_names():
                     "TPU compiler on this host")
 def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   config = run_fixtures.config("rrsisd", "variant=tiny")
-  results = aot.run(config, "v5e:2x2", batch_size=8, with_eval=False)
+  results = aot.run(config, "v5e:2x2", batch_size=8, with_eval=False, traffic_top=5)
   out = capsys.readouterr().out
   assert "4 x TPU v5 lite (v5e)" in out
   for line in ("memory per chip: arguments", "roofline: compute", "collectives: ",
@@ -36,3 +36,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   assert train["added"]["flops"] > 0 and train["flops"] > train["added"]["flops"]
   assert "all-reduce" in train["collectives"]  # gradients summed over the data axis
   assert 0 < train["memory"]["total"] < 16 * 2**30
+  # The traffic ranking names module paths of both passes.
+  ranking = out.split("traffic by module", 1)[1].splitlines()[1:6]
+  assert any("backward decoder/" in line for line in ranking), ranking
+  assert all(" GB " in line for line in ranking), ranking

@@ -63,6 +63,28 @@ def test_pallas_gradients_match_xla():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_pallas_block_sizes_cover_the_padded_sequence():
+  assert layers.pallas_block_sizes(128, 128) == (128, 128, 128, 128)
+  # DINOv2 at 448: 1,029 tokens padded to 1,152, one major block (K/V read once per head).
+  assert layers.pallas_block_sizes(1152, 1152) == (1152, 1152, 384, 384)
+  assert layers.pallas_block_sizes(640, 256) == (640, 256, 128, 256)
+  assert layers.pallas_block_sizes(4096, 4096) == (2048, 2048, 512, 512)
+
+
+def test_pallas_long_sequence_with_inner_blocks_matches_xla():
+  """640 padded tokens: major blocks of 640 with inner blocks of 128 (forward and grads)."""
+  q, k, v = _qkv(batch=3, length=600, heads=1)
+  key_mask = _key_mask(batch=3, length=600)
+  loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
+      q, k, v, key_mask=key_mask, implementation=implementation))))
+  with pltpu.force_tpu_interpret_mode():
+    got = layers.dot_product_attention(q, k, v, key_mask=key_mask, implementation="pallas")
+    grads = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, _reference(q, k, v, key_mask, False), atol=1e-5)
+  for got, want in zip(grads, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # sums over 600 keys
+
+
 def test_pallas_runs_one_kernel_per_device_under_the_mesh():
   q, k, v = _qkv()
   key_mask = _key_mask()
