@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -123,10 +124,19 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     except (KeyboardInterrupt, SystemExit):
       raise
     except Exception as error:  # pylint: disable=broad-except
+      # Background threads of the failed run (orbax's savers) may still raise, and their
+      # tracebacks would print over the error line: the process ends next, so they go
+      # unprinted, and the error starts a line of its own.
+      threading.excepthook = lambda args: None
       if _DEBUG.value:
         traceback.print_exc()
-      print(f"error: {type(error).__name__}: {_one_line(error)}"
-            + ("" if _DEBUG.value else " (--debug shows the traceback)"), file=sys.stderr)
+      message = (f"error: {type(error).__name__}: {_one_line(error)}"
+                 + ("" if _DEBUG.value else " (--debug shows the traceback)"))
+      try:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"\n{message}\n".encode())  # one write: not interleaved
+      except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+        print(message, file=sys.stderr)
       exit_now(EXIT_ERROR)
 
   try:
