@@ -130,16 +130,24 @@ def compile_steps(config, devices, batch_size: int, *, with_eval: bool = True):
 # --------------------------------------------------------------------------------------
 
 
-def describe(name: str, compiled, batch_size: int, chips: int,
-             chip: Chip | None, traffic_top: int = 0) -> tuple[list[str], dict]:
-  """Lines of the per-chip table for one compiled step, and its numbers."""
+def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None,
+             traffic_top: int = 0, hlo_dir: str | None = None) -> tuple[list[str], dict]:
+  """Lines of the per-chip table for one compiled step, and its numbers; with `hlo_dir`,
+  the step's optimised HLO is also written there."""
   memory, cost = roofline.memory_of(compiled), roofline.cost_of(compiled)
   hlo = compiled.as_text()
+  lines = []
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    path = os.path.join(hlo_dir, f"{name}_step.hlo.txt")
+    with open(path, "w") as f:
+      f.write(hlo)
+    lines.append(f"  {name} step HLO: {path}")
   kernels = roofline.flash_kernels_of(hlo)
   added = roofline.flash_addition(kernels)
   flops, traffic = cost["flops"] + added["flops"], cost["bytes"] + added["bytes"]
   per_chip_images = batch_size / chips
-  lines = [f"{name} step: {batch_size} images, {per_chip_images:g} per chip"]
+  lines.insert(0, f"{name} step: {batch_size} images, {per_chip_images:g} per chip")
   if memory:
     hbm = f" of {chip.hbm_bytes / GiB:.0f} GiB HBM" if chip else ""
     lines.append(
@@ -241,13 +249,8 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
           f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, {chip.hbm_bytes / GiB:.0f} GiB (datasheet)")
   results = {"chips": chips, "chip": chip_name, "batch_size": batch_size}
   for name in ("train", "eval") if with_eval else ("train",):
-    if hlo_dir:
-      os.makedirs(hlo_dir, exist_ok=True)
-      path = os.path.join(hlo_dir, f"{name}_step.hlo.txt")
-      with open(path, "w") as f:
-        f.write(compiled[name].as_text())
-      print(f"  {name} step HLO: {path}")
-    lines, numbers = describe(name, compiled[name], batch_size, chips, chip, traffic_top)
+    lines, numbers = describe(name, compiled[name], batch_size, chips, chip, traffic_top,
+                              hlo_dir)
     print("\n".join(lines))
     results[name] = numbers
   memory = results["train"]["memory"]

@@ -207,14 +207,13 @@ def traffic_by_source(hlo: str, depth: int = 3) -> dict[str, float]:
     for name, opcode, operands, attributes in lines:
       if opcode in _NO_TRAFFIC or opcode in ("copy-done", "slice-done"):  # at their start
         continue
-      operand_names = re.findall(r"%([\w.\-]+)", operands)
-      moved = sizes.get(name, 0) + sum(sizes.get(o, 0) for o in operand_names)
       if opcode in ("copy-start", "slice-start"):  # async copy into another memory space
         # (source, destination, context): the destination is read and written once.
         destination = _array_bytes(result_types[name])
         moved = 2 * (destination[1][0] if len(destination) > 1 else 0)
         key = "memory-space copies (copy-start, slice-start)"
       else:
+        moved = sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
         key = _source(attributes, depth)
       out[key] = out.get(key, 0.0) + moved
   return out
