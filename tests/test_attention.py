@@ -52,6 +52,31 @@ def test_xla_and_pallas_match_reference_and_padded_rows_are_finite(causal):
   np.testing.assert_allclose(pallas, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_gradients_match_reference(causal):
+  """The XLA path's own softmax (normalised after the value product, shift without
+  gradient) against autodiff of the plain reference."""
+  q, k, v = _qkv(batch=3)
+  key_mask = _key_mask(batch=3)
+  sums = lambda attend: (lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v))))
+  got = jax.grad(sums(lambda q, k, v: layers.dot_product_attention(
+      q, k, v, key_mask=key_mask, is_causal=causal)), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(sums(lambda q, k, v: _reference(q, k, v, key_mask, causal)),
+                  argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_xla_bfloat16_inputs_stay_close_to_f32():
+  q, k, v = _qkv()
+  key_mask = _key_mask()
+  half = layers.dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
+                                      key_mask=key_mask)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), _reference(q, k, v, key_mask, False),
+                             atol=3e-2)
+
+
 def test_pallas_gradients_match_xla():
   q, k, v = _qkv(batch=3)
   key_mask = _key_mask(batch=3)

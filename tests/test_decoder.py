@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s4eca_jax.models import decoder
+import flax.linen as nn
+
+from s4eca_jax.models import decoder, layers
 
 BATCH, GRID, DIM, LENGTH, NUM_QUERIES, OUT = 2, (6, 5), 24, 7, 4, (42, 35)
 
@@ -100,3 +102,19 @@ def test_coordinates_and_pixel_path():
   assert not np.allclose(apply(trained, images), changed, atol=1e-4)  # it reads the pixels
   with pytest.raises(ValueError, match="pixel_dim"):
     module.apply({"params": params}, *args, OUT)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_group_norm_matches_flax(offset):
+  """layers.GroupNorm (sums mapped to groups by a matmul) against nn.GroupNorm: same
+  parameter names and init, same outputs and input gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 12)) * 2.0 + offset
+  ours, theirs = layers.GroupNorm(num_groups=3), nn.GroupNorm(num_groups=3)
+  params = theirs.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(
+      jnp.shape, params)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=2e-5)
+  grads = [jax.grad(lambda x, m=m: jnp.sum(jnp.sin(m.apply(params, x))))(x)
+           for m in (ours, theirs)]
+  np.testing.assert_allclose(grads[0], grads[1], atol=2e-4)

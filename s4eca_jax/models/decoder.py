@@ -72,7 +72,7 @@ class ConvNormAct(nn.Module):
                        f"{self.norm_groups}; change config.model.decoder.norm_groups.")
     x = nn.Conv(self.features, (self.kernel_size,) * 2, padding="SAME", use_bias=False,
                 dtype=self.dtype, name="conv")(x)
-    x = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
+    x = layers.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
     return layers.activation("gelu")(x)
 
 
