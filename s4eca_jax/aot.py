@@ -16,7 +16,9 @@ sums on top are negligible).
 XLA's cost analysis counts the Pallas flash kernel's forward once by the kernel's own
 estimate (its inputs and outputs, no re-reads) and its two backward kernels as nothing:
 the tool adds the rest analytically from the kernels' shapes in the compiled HLO and says
-so. The largest per-chip batch: `--fit=estimate` scales the temporaries linearly from
+so. Bytes are reported twice: XLA's "bytes accessed" (operands in any memory space, TPU
+VMEM included) and an HBM estimate from the optimised HLO's layouts
+(roofline.traffic_by_source(hbm_only=True)), each with its roofline. The largest per-chip batch: `--fit=estimate` scales the temporaries linearly from
 this compile (one compile); `--fit=search` bisects on real compiles.
 """
 
@@ -161,15 +163,29 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
     lines.append(f"  of which added analytically for {added['kernels']} Pallas flash-attention "
                  f"kernels (XLA's cost analysis does not see inside them): "
                  f"{added['flops'] / 1e12:.3f} TFLOP, {added['bytes'] / 1e9:.2f} GB")
-  numbers = {"memory": memory, "flops": flops, "bytes": traffic, "added": added}
+  hbm_traffic = sum(roofline.traffic_by_source(hlo, hbm_only=True).values()) + added["bytes"]
+  lines.append(f"  HBM traffic per chip (estimate from the HLO's layouts: operands and results "
+               f"of top-level ops outside on-chip memory, async copies by their HBM side; a "
+               f"sliced operand counts whole): {hbm_traffic / 1e9:.2f} GB; XLA's "
+               f"\"accessed\" above also counts on-chip (VMEM) accesses")
+  numbers = {"memory": memory, "flops": flops, "bytes": traffic, "added": added,
+             "hbm_bytes": hbm_traffic}
   if chip:
-    compute_s, memory_s = flops / chip.bf16_flops, traffic / chip.hbm_bandwidth
-    step_s = max(compute_s, memory_s)
-    bound = "memory traffic" if memory_s > compute_s else "compute"
-    lines.append(f"  roofline: compute {compute_s * 1e3:.1f} ms, memory {memory_s * 1e3:.1f} ms "
-                 f"-> {step_s * 1e3:.1f} ms/step, {batch_size / step_s:.0f} images/s "
-                 f"({per_chip_images / step_s:.0f} per chip), bound by {bound}")
-    numbers["roofline_images_per_s"] = batch_size / step_s
+    compute_s = flops / chip.bf16_flops
+    for label, moved, key in (("roofline", traffic, "roofline_images_per_s"),
+                              ("roofline with the HBM estimate", hbm_traffic,
+                               "hbm_roofline_images_per_s")):
+      memory_s = moved / chip.hbm_bandwidth
+      step_s = max(compute_s, memory_s)
+      bound = "memory traffic" if memory_s > compute_s else "compute"
+      lines.append(f"  {label}: compute {compute_s * 1e3:.1f} ms, memory {memory_s * 1e3:.1f} "
+                   f"ms -> {step_s * 1e3:.1f} ms/step, {batch_size / step_s:.0f} images/s "
+                   f"({per_chip_images / step_s:.0f} per chip), bound by {bound}")
+      numbers[key] = batch_size / step_s
+  if cost.get("optimal_seconds", 0) > 0:  # negative where the model cannot price the step
+    lines.append(f"  XLA's own estimate of the step (cost model, Pallas kernels not included): "
+                 f"{cost['optimal_seconds'] * 1e3:.1f} ms")
+    numbers["xla_optimal_seconds"] = cost["optimal_seconds"]
   collectives = roofline.collectives_of(hlo)
   if collectives:
     lines.append("  collectives: " + ", ".join(
@@ -179,12 +195,15 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
     lines.append("  collectives: none")
   numbers["collectives"] = collectives
   if traffic_top:
-    by_source = roofline.traffic_by_source(hlo)
-    total = sum(by_source.values())
-    lines.append(f"  traffic by module (operands + result of each top-level HLO op, "
-                 f"{total / 1e9:.2f} GB in all, without Pallas re-reads), top {traffic_top}:")
-    for source, moved in sorted(by_source.items(), key=lambda kv: -kv[1])[:traffic_top]:
-      lines.append(f"    {moved / 1e9:8.2f} GB  {moved / total:5.1%}  {source}")
+    for hbm_only, what in ((False, "traffic by module (operands + result of each top-level "
+                                   "HLO op, any memory space"),
+                           (True, "HBM traffic by module (the estimate above")):
+      by_source = roofline.traffic_by_source(hlo, hbm_only=hbm_only)
+      total = sum(by_source.values())
+      lines.append(f"  {what}, {total / 1e9:.2f} GB in all, without Pallas re-reads), top "
+                   f"{traffic_top}:")
+      for source, moved in sorted(by_source.items(), key=lambda kv: -kv[1])[:traffic_top]:
+        lines.append(f"    {moved / 1e9:8.2f} GB  {moved / total:5.1%}  {source}")
   return lines, numbers
 
 
@@ -272,7 +291,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("train_only", False, "skip the eval step")
   flags.DEFINE_string("hlo_dir", None, "also write each step's optimised HLO text there")
   flags.DEFINE_integer("traffic_top", 0, "also list the N module paths (forward/backward) "
-                       "that move the most bytes")
+                       "that move the most bytes, in any memory space and in HBM only")
 
 
 def main(argv) -> None:

@@ -11,6 +11,12 @@ image, MFU against a bf16 matmul rate measured in the same run on the same devic
 peak device memory. Model FLOPs are XLA's count of the same step lowered with XLA
 attention, so fused kernels (cuDNN, Pallas) are counted by the work they replace.
 --json PATH also writes the numbers there.
+
+--torch also times the PyTorch reference (s4eca_jax.torch_reference: the HF encoders and
+our adapters and decoder in torch, random weights, AdamW on the same trainable parts) on
+the same config and batch, eager and torch.compile'd (--notorch_compile: eager only), in
+the same run, and prints JAX's images/s over torch's. On CUDA it runs under bf16
+autocast where the config computes in bf16. Needs the test extra (torch, transformers).
 """
 
 from __future__ import annotations
@@ -28,16 +34,20 @@ import numpy as np
 from s4eca_jax import cli, metrics, partition, roofline, run_setup, sharding
 
 
-def synthetic_batch(config, batch_size: int, mesh) -> dict:
+def host_batch(config, batch_size: int) -> dict:
+  """A random batch of the config's shapes, numpy (the same one for JAX and torch)."""
   rng = np.random.default_rng(0)
   side, length = config.image_size, config.max_length
-  batch = {
+  return {
       "image": rng.standard_normal((batch_size, side, side, 3), np.float32),
       "mask": (rng.random((batch_size, side, side)) > 0.7).astype(np.float32),
       "input_ids": rng.integers(1, 1000, (batch_size, length), dtype=np.int32),
       "attention_mask": np.ones((batch_size, length), np.int32),
   }
-  return sharding.global_batch(batch, sharding.batch_sharding(mesh))
+
+
+def synthetic_batch(config, batch_size: int, mesh) -> dict:
+  return sharding.global_batch(host_batch(config, batch_size), sharding.batch_sharding(mesh))
 
 
 def timed(fn, args_fn, steps: int, warmup: int) -> tuple[list[float], object]:
@@ -91,7 +101,9 @@ def peak_memory(compiled) -> tuple[float | None, str]:
 
 
 def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: int,
-        matmul_size: int, with_eval: bool = True) -> dict:
+        matmul_size: int, with_eval: bool = True, torch_modes: tuple[str, ...] = ()) -> dict:
+  """JAX train (and eval) steps timed; torch_modes ("eager", "compiled") also time the
+  PyTorch reference (torch_reference.benchmark) on the same config and batch."""
   config.random_init_encoders = True
   config.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
@@ -100,7 +112,7 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}, compute "
         f"{config.model.compute_dtype}, attention {config.model.attention}", flush=True)
   setup = run_setup.build(config, mesh, total_steps=1000)
-  batch = synthetic_batch(config, batch_size, mesh)
+  batch = sharding.global_batch(host_batch(config, batch_size), sharding.batch_sharding(mesh))
   results = {"batch_size": batch_size, "devices": devices,
              "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
@@ -149,7 +161,45 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
   peak = results["peak_bytes"]
   print(f"peak memory: {peak / 2**30:.2f} GiB ({results['peak_source']})" if peak else
         "peak memory: unknown")
+  if torch_modes:
+    results["torch"] = run_torch(config, batch_size, steps, warmup, with_eval, torch_modes,
+                                 results)
   return results
+
+
+def run_torch(config, batch_size: int, steps: int, warmup: int, with_eval: bool,
+              modes: tuple[str, ...], jax_results: dict) -> dict:
+  """The PyTorch reference on the same config and batch; prints its rates and JAX's ratio."""
+  try:
+    from s4eca_jax import torch_reference  # pylint: disable=g-import-not-at-top  # torch is optional
+  except ImportError as e:
+    raise cli.UsageError(f"--torch needs PyTorch and transformers ({e}); install the test "
+                         "extra: bash launch/setup.sh test") from e
+  print(f"torch: the PyTorch reference (HF encoders, random weights), batch {batch_size}, "
+        f"modes {', '.join(modes)}", flush=True)
+  out = torch_reference.benchmark(config, host_batch(config, batch_size), steps, warmup,
+                                  with_eval, compile_model="compiled" in modes)
+  precision = "bf16 autocast" if out["autocast"] else "f32"
+  for mode in ("eager", "compiled"):
+    if mode not in out:
+      continue
+    timing = out[mode]
+    for kind in ("train", "eval"):
+      if kind not in timing:
+        continue
+      timing[kind] = summary(timing[kind], batch_size)
+      ratio = jax_results[kind]["images_per_s_median"] / timing[kind]["images_per_s_median"]
+      timing[kind]["jax_over_torch"] = ratio
+      rate = timing[kind]
+      print(f"torch {mode} {kind} ({out['device']}, {precision}): "
+            f"{rate['images_per_s_median']:.1f} images/s median (min "
+            f"{rate['images_per_s_min']:.1f}, max {rate['images_per_s_max']:.1f}); "
+            f"JAX / torch {ratio:.2f}x")
+    peak = timing.get("peak_bytes")
+    print(f"torch {mode}: first train call {timing['first_call_s']:.1f} s"
+          + ("  (torch.compile compiles here)" if mode == "compiled" else "")
+          + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""))
+  return out
 
 
 FLAGS = cli.FLAGS
@@ -164,13 +214,19 @@ def define_flags() -> None:
   flags.DEFINE_integer("matmul_size", 8192, "side of the bf16 matmul that sets the rate")
   flags.DEFINE_bool("train_only", False, "skip the eval forward")
   flags.DEFINE_string("json", None, "also write the numbers to this JSON file")
+  flags.DEFINE_bool("torch", False, "also time the PyTorch reference (s4eca_jax."
+                    "torch_reference, HF encoders) on the same config and batch, eager and "
+                    "torch.compile'd, and print JAX's ratio (needs the test extra)")
+  flags.DEFINE_bool("torch_compile", True, "with --torch: also the torch.compile'd model")
 
 
 def main(argv) -> None:
   del argv
   config = run_setup.expand_paths(FLAGS.config)
   results = run(config, FLAGS.batch_size or config.batch_size, FLAGS.steps, FLAGS.warmup,
-                FLAGS.matmul_size, not FLAGS.train_only)
+                FLAGS.matmul_size, not FLAGS.train_only,
+                (("eager", "compiled") if FLAGS.torch_compile else ("eager",)) if FLAGS.torch
+                else ())
   if FLAGS.json:
     with open(FLAGS.json, "w") as out:
       json.dump(results, out, indent=1)

@@ -48,18 +48,26 @@ def chip_of(device) -> tuple[str | None, Chip | None]:
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # a layout's memory space other than 0 (HBM)
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                 "all-to-all")
 
 
+def _arrays(text: str) -> list[tuple[int, tuple[int, ...], bool]]:
+  """[(bytes, dims, on_chip)] of every array type written in `text`; on_chip: its layout
+  names a memory space other than HBM (S(1) is TPU VMEM)."""
+  out = []
+  for dtype, dims, layout in _ARRAY.findall(text):
+    shape = tuple(int(d) for d in dims.split(",") if d)
+    out.append((math.prod(shape) * _DTYPE_BYTES.get(dtype, 4), shape,
+                bool(_ON_CHIP.search(layout))))
+  return out
+
+
 def _array_bytes(text: str) -> list[tuple[int, tuple[int, ...]]]:
   """[(bytes, dims)] of every array type written in `text`."""
-  out = []
-  for dtype, dims in _ARRAY.findall(text):
-    shape = tuple(int(d) for d in dims.split(",") if d)
-    out.append((math.prod(shape) * _DTYPE_BYTES.get(dtype, 4), shape))
-  return out
+  return [(size, shape) for size, shape, _ in _arrays(text)]
 
 
 def memory_of(compiled) -> dict[str, float]:
@@ -78,8 +86,11 @@ def cost_of(compiled) -> dict[str, float]:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
   cost = cost or {}
-  return {"flops": float(cost.get("flops", 0.0)),
-          "bytes": float(cost.get("bytes accessed", 0.0))}
+  out = {"flops": float(cost.get("flops", 0.0)),
+         "bytes": float(cost.get("bytes accessed", 0.0))}
+  if "optimal_seconds" in cost:  # XLA's own cost model of the step (TPU), kernels excluded
+    out["optimal_seconds"] = float(cost["optimal_seconds"])
+  return out
 
 
 def collectives_of(hlo: str) -> dict[str, list[float]]:
@@ -173,18 +184,22 @@ def _source(attributes: str, depth: int) -> str:
   return ("backward " if "transpose(" in path else "forward ") + "/".join(parts[:depth])
 
 
-def traffic_by_source(hlo: str, depth: int = 3) -> dict[str, float]:
+def traffic_by_source(hlo: str, depth: int = 3, hbm_only: bool = False) -> dict[str, float]:
   """Bytes each module path moves: for every top-level instruction of optimised HLO (a
   fusion counts as one), its operands plus its result, grouped by the op_name metadata's
   first `depth` module names and by forward / backward.
 
   A fusion that reads a slice of a big operand is charged the whole operand here, where
-  XLA's cost analysis charges what it uses, and async copies between memory spaces
-  (copy-start, slice-start) are charged their destination twice: the sum approximates
-  XLA's "bytes accessed" (50.5 of 58.5 GB for the rrsisd train step on v5e), and the
-  ranking says where the traffic is.
+  XLA's cost analysis charges what it uses. With hbm_only=False every memory space counts
+  and async copies between memory spaces (copy-start, slice-start) are charged their
+  destination twice: the sum approximates XLA's "bytes accessed" (50.5 of 58.5 GB for the
+  rrsisd train step on v5e), and the ranking says where the traffic is. With hbm_only=True
+  only arrays whose layout is in HBM count: an operand that XLA prefetched into TPU VMEM
+  (layout S(1)) costs the op nothing, and an async copy costs its destination's size once
+  per HBM side (a prefetch reads HBM, an eviction writes it). That is the traffic the
+  roofline's bandwidth limits; XLA's "bytes accessed" counts on-chip accesses as well.
   """
-  sizes, result_types, fused, computations = {}, {}, set(), []
+  types, fused, computations = {}, set(), []
   for block in re.split(r"\n(?=\S)", hlo):
     lines = []
     for line in block.split("\n")[1:]:
@@ -192,14 +207,15 @@ def traffic_by_source(hlo: str, depth: int = 3) -> dict[str, float]:
       if not match:
         continue
       name, result, opcode, operands, attributes = match.groups()
-      sizes[name] = sum(b for b, _ in _array_bytes(result))
-      result_types[name] = result
+      types[name] = _arrays(result)
       lines.append((name, opcode, operands, attributes))
       if opcode == "fusion":
         fused.update(re.findall(r"calls=%?([\w.\-]+)", attributes))
     head = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
     if head:
       computations.append((head.group(1), lines))
+  counted = lambda arrays: sum(size for size, _, on_chip in arrays
+                               if not (hbm_only and on_chip))
   out: dict[str, float] = {}
   for computation, lines in computations:
     if computation in fused:
@@ -208,12 +224,19 @@ def traffic_by_source(hlo: str, depth: int = 3) -> dict[str, float]:
       if opcode in _NO_TRAFFIC or opcode in ("copy-done", "slice-done"):  # at their start
         continue
       if opcode in ("copy-start", "slice-start"):  # async copy into another memory space
-        # (source, destination, context): the destination is read and written once.
-        destination = _array_bytes(result_types[name])
-        moved = 2 * (destination[1][0] if len(destination) > 1 else 0)
+        # copy-start: (destination, source, context); slice-start: ((source), destination,
+        # context). The destination's bytes are read once and written once.
+        arrays = types[name]
+        source, destination = (arrays[1], arrays[0]) if opcode == "copy-start" else (
+            arrays[0], arrays[1])
+        if hbm_only:
+          moved = destination[0] * ((not source[2]) + (not destination[2]))
+        else:
+          moved = 2 * destination[0]
         key = "memory-space copies (copy-start, slice-start)"
       else:
-        moved = sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
+        moved = counted(types[name]) + sum(
+            counted(types.get(o, [])) for o in re.findall(r"%([\w.\-]+)", operands))
         key = _source(attributes, depth)
       out[key] = out.get(key, 0.0) + moved
   return out

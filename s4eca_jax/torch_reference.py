@@ -486,3 +486,84 @@ def to_torch_inputs(images, input_ids, attention_mask) -> tuple[Any, Any, Any]:
   return (torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2).contiguous(),
           torch.from_numpy(np.asarray(input_ids).astype(np.int64)),
           torch.from_numpy(np.asarray(attention_mask).astype(np.int64)))
+
+
+def segmentation_loss(logits, masks, bce_weight: float = 1.0, dice_weight: float = 1.0):
+  """losses.segmentation_loss in torch (all examples valid): BCE + soft Dice, in f32."""
+  logits, masks = logits.float(), masks.float()
+  bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean((1, 2))
+  probs = torch.sigmoid(logits)
+  overlap = (probs * masks).sum((1, 2))
+  dice = 1.0 - (2.0 * overlap + 1.0) / (probs.sum((1, 2)) + masks.sum((1, 2)) + 1.0)
+  return bce_weight * bce.mean() + dice_weight * dice.mean()
+
+
+def benchmark(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], steps: int,
+              warmup: int, with_eval: bool = True, compile_model: bool = True) -> dict:
+  """The PyTorch peer of s4eca_jax.bench on the same config and batch (random weights):
+  train steps (forward, BCE + Dice, backward, AdamW on the adapters and the decoder, the
+  encoders frozen) and eval forwards, eager and, with compile_model, torch.compile'd.
+
+  Each timed call ends in a device synchronisation. bf16 autocast where the config's
+  compute dtype resolves to bfloat16 on the device (CUDA); f32 otherwise. Returns
+  {"device", "autocast", "eager": {...}, "compiled": {...}} with per-mode "train"/"eval"
+  (seconds per call) and "first_call_s" (torch.compile's compile happens there).
+  """
+  import time  # pylint: disable=g-import-not-at-top
+
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  dtype = s4eca.compute_dtype(config.model.compute_dtype,
+                              "gpu" if device.type == "cuda" else "cpu")
+  autocast = device.type == "cuda" and np.dtype(dtype).itemsize == 2
+  model = S4ECAReference.from_config(config).to(device).train()
+  for encoder in (model.image_encoder, model.text_encoder):
+    encoder.requires_grad_(False)
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  opt = config.optimizer
+  optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps,
+                                weight_decay=opt.weight_decay)
+  images, input_ids, attention_mask = (t.to(device) for t in to_torch_inputs(
+      batch["image"], batch["input_ids"], batch["attention_mask"]))
+  masks = torch.from_numpy(np.asarray(batch["mask"], np.float32)).to(device)
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  threshold = config.get("mask_probability", 0.5)
+
+  def timed(fn, n):
+    seconds = []
+    for _ in range(n):
+      start = time.perf_counter()
+      fn()
+      sync()
+      seconds.append(time.perf_counter() - start)
+    return seconds
+
+  def measure(forward):
+    def train_step():
+      optimizer.zero_grad(set_to_none=True)
+      with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        logits = forward(images, input_ids, attention_mask)["logits"]
+      segmentation_loss(logits, masks, **config.loss).backward()
+      optimizer.step()
+
+    @torch.no_grad()
+    def eval_step():
+      with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        logits = forward(images, input_ids, attention_mask)["logits"]
+      return torch.sigmoid(logits.float()) > threshold
+
+    out = {"first_call_s": timed(train_step, 1)[0]}
+    timed(train_step, warmup)
+    out["train"] = timed(train_step, steps)
+    if with_eval:
+      timed(eval_step, 1 + warmup)
+      out["eval"] = timed(eval_step, steps)
+    if device.type == "cuda":
+      out["peak_bytes"] = torch.cuda.max_memory_allocated()
+      torch.cuda.reset_peak_memory_stats()
+    return out
+
+  results = {"device": str(device), "torch": torch.__version__, "autocast": autocast,
+             "eager": measure(model)}
+  if compile_model:
+    results["compiled"] = measure(torch.compile(model))
+  return results

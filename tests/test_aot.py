@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from tests import run_fixtures
-from s4eca_jax import aot
+from s4eca_jax import aot, roofline
 
 
 def test_topology_names():
@@ -27,6 +27,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   out = capsys.readouterr().out
   assert "4 x TPU v5 lite (v5e)" in out
   for line in ("memory per chip: arguments", "roofline: compute", "collectives: ",
+               "HBM traffic per chip", "roofline with the HBM estimate: compute",
                "largest per-chip batch (estimate", "Pallas flash-attention kernels"):
     assert line in out, line
   train = results["train"]
@@ -36,7 +37,46 @@ def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   assert train["added"]["flops"] > 0 and train["flops"] > train["added"]["flops"]
   assert "all-reduce" in train["collectives"]  # gradients summed over the data axis
   assert 0 < train["memory"]["total"] < 16 * 2**30
+  # XLA keeps most of the tiny step's arrays in VMEM: HBM traffic is a part of "accessed".
+  assert 0 < train["hbm_bytes"] < train["bytes"]
   # The traffic ranking names module paths of both passes.
   ranking = out.split("traffic by module", 1)[1].splitlines()[1:6]
   assert any("backward decoder/" in line for line in ranking), ranking
   assert all(" GB " in line for line in ranking), ranking
+
+
+HLO = """\
+HloModule step
+
+%fused_add (a: f32[256], b: f32[256]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %b = f32[256]{0} parameter(1)
+  ROOT %add = f32[256]{0} add(%a, %b)
+}
+
+ENTRY %main (p0: f32[256], p1: f32[1024]) -> f32[256] {
+  %p0 = f32[256]{0:T(256)} parameter(0)
+  %p1 = f32[1024]{0:T(256)} parameter(1)
+  %copy-start = (f32[256]{0:T(256)S(1)}, f32[256]{0:T(256)}, u32[]{:S(2)}) copy-start(%p0)
+  %copy-done = f32[256]{0:T(256)S(1)} copy-done(%copy-start)
+  %slice-start = ((f32[1024]{0:T(256)}), f32[256]{0:T(256)S(1)}, s32[]{:S(2)}) slice-start(%p1), slice={[0:256]}
+  %slice-done = f32[256]{0:T(256)S(1)} slice-done(%slice-start)
+  %fusion = f32[256]{0:T(256)S(1)} fusion(%copy-done, %slice-done), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/decoder/add"}
+  %fusion.1 = f32[256]{0:T(256)} fusion(%fusion, %p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/decoder/add"}
+  %copy-start.1 = (f32[256]{0:T(256)}, f32[256]{0:T(256)S(1)}, u32[]{:S(2)}) copy-start(%fusion)
+  ROOT %copy-done.1 = f32[256]{0:T(256)} copy-done(%copy-start.1)
+}
+"""
+
+
+def test_hbm_traffic_counts_only_arrays_outside_vmem():
+  """1 KiB arrays: a prefetch and a sliced prefetch read HBM once each, the fusion on VMEM
+  operands moves no HBM bytes, the second fusion reads p0 and writes its result in HBM
+  (its VMEM operand is free), the eviction writes HBM once."""
+  kib = 1024
+  hbm = roofline.traffic_by_source(HLO, hbm_only=True)
+  assert hbm["memory-space copies (copy-start, slice-start)"] == 3 * kib
+  assert hbm["forward decoder/add"] == 2 * kib
+  every = roofline.traffic_by_source(HLO)
+  assert every["memory-space copies (copy-start, slice-start)"] == 6 * kib
+  assert every["forward decoder/add"] == 6 * kib

@@ -3,6 +3,7 @@ abstract (weightless) build that the AOT tool compiles from, donation."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from tests import run_fixtures
 from s4eca_jax import run_setup, sharding
@@ -48,9 +49,16 @@ def test_bench_times_train_and_eval_steps(capsys):
 
   config = run_fixtures.config("rrsisd", "variant=tiny")
   config.mesh = (("data", 2), ("fsdp", 1))
-  results = bench.run(config, batch_size=4, steps=2, warmup=1, matmul_size=64)
+  results = bench.run(config, batch_size=4, steps=2, warmup=1, matmul_size=64,
+                      torch_modes=("eager",))
   out = capsys.readouterr().out
-  for line in ("train step: ", "eval forward: ", "GFLOP/image", "MFU", "peak memory: "):
+  for line in ("train step: ", "eval forward: ", "GFLOP/image", "MFU", "peak memory: ",
+               "torch eager train (cpu, f32): ", "torch eager eval (cpu, f32): ", "JAX / torch"):
     assert line in out, line
   assert results["train"]["images_per_s_median"] > 0 and results["eval"]["images_per_s_min"] > 0
   assert results["gflop_per_image"] > 0 and results["devices"] == 2
+  # The PyTorch peer ran the same batch (eager only here: torch.compile takes a minute).
+  torch_eager = results["torch"]["eager"]
+  assert torch_eager["train"]["images_per_s_median"] > 0 and "compiled" not in results["torch"]
+  assert torch_eager["train"]["jax_over_torch"] == pytest.approx(
+      results["train"]["images_per_s_median"] / torch_eager["train"]["images_per_s_median"])
