@@ -515,7 +515,7 @@ def benchmark(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], s
   dtype = s4eca.compute_dtype(config.model.compute_dtype,
                               "gpu" if device.type == "cuda" else "cpu")
   autocast = device.type == "cuda" and np.dtype(dtype).itemsize == 2
-  model = S4ECAReference.from_config(config).to(device).train()
+  model = S4ECAReference.from_config(config).to(device).eval()  # no dropout, as in JAX
   for encoder in (model.image_encoder, model.text_encoder):
     encoder.requires_grad_(False)
   trainable = [p for p in model.parameters() if p.requires_grad]
