@@ -18,8 +18,9 @@ estimate (its inputs and outputs, no re-reads) and its two backward kernels as n
 the tool adds the rest analytically from the kernels' shapes in the compiled HLO and says
 so. Bytes are reported twice: XLA's "bytes accessed" (operands in any memory space, TPU
 VMEM included) and an HBM estimate from the optimised HLO's layouts
-(roofline.traffic_by_source(hbm_only=True)), each with its roofline. The largest per-chip batch: `--fit=estimate` scales the temporaries linearly from
-this compile (one compile); `--fit=search` bisects on real compiles.
+(roofline.traffic_by_source(hbm_only=True)), each with its roofline. The largest
+per-chip batch: `--fit=estimate` scales the temporaries linearly from this compile (one
+compile); `--fit=search` bisects on real compiles.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
     lines.append(f"  of which added analytically for {added['kernels']} Pallas flash-attention "
                  f"kernels (XLA's cost analysis does not see inside them): "
                  f"{added['flops'] / 1e12:.3f} TFLOP, {added['bytes'] / 1e9:.2f} GB")
-  hbm_traffic = sum(roofline.traffic_by_source(hlo, hbm_only=True).values()) + added["bytes"]
+  hbm_by_source = roofline.traffic_by_source(hlo, hbm_only=True)
+  hbm_traffic = sum(hbm_by_source.values()) + added["bytes"]
   lines.append(f"  HBM traffic per chip (estimate from the HLO's layouts: operands and results "
                f"of top-level ops outside on-chip memory, async copies by their HBM side; a "
                f"sliced operand counts whole): {hbm_traffic / 1e9:.2f} GB; XLA's "
@@ -195,10 +197,9 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
     lines.append("  collectives: none")
   numbers["collectives"] = collectives
   if traffic_top:
-    for hbm_only, what in ((False, "traffic by module (operands + result of each top-level "
-                                   "HLO op, any memory space"),
-                           (True, "HBM traffic by module (the estimate above")):
-      by_source = roofline.traffic_by_source(hlo, hbm_only=hbm_only)
+    for by_source, what in ((roofline.traffic_by_source(hlo), "traffic by module (operands "
+                             "+ result of each top-level HLO op, any memory space"),
+                            (hbm_by_source, "HBM traffic by module (the estimate above")):
       total = sum(by_source.values())
       lines.append(f"  {what}, {total / 1e9:.2f} GB in all, without Pallas re-reads), top "
                    f"{traffic_top}:")

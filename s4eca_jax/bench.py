@@ -46,10 +46,6 @@ def host_batch(config, batch_size: int) -> dict:
   }
 
 
-def synthetic_batch(config, batch_size: int, mesh) -> dict:
-  return sharding.global_batch(host_batch(config, batch_size), sharding.batch_sharding(mesh))
-
-
 def timed(fn, args_fn, steps: int, warmup: int) -> tuple[list[float], object]:
   """(seconds per call, the last call's output); each call synchronised, args_fn(out)
   feeds the next call (the train step donates its state)."""
@@ -112,7 +108,8 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}, compute "
         f"{config.model.compute_dtype}, attention {config.model.attention}", flush=True)
   setup = run_setup.build(config, mesh, total_steps=1000)
-  batch = sharding.global_batch(host_batch(config, batch_size), sharding.batch_sharding(mesh))
+  host = host_batch(config, batch_size)
+  batch = sharding.global_batch(host, sharding.batch_sharding(mesh))
   results = {"batch_size": batch_size, "devices": devices,
              "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
@@ -162,14 +159,15 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
   print(f"peak memory: {peak / 2**30:.2f} GiB ({results['peak_source']})" if peak else
         "peak memory: unknown")
   if torch_modes:
-    results["torch"] = run_torch(config, batch_size, steps, warmup, with_eval, torch_modes,
-                                 results)
+    results["torch"] = run_torch(config, host, steps, warmup, with_eval, torch_modes, results)
   return results
 
 
-def run_torch(config, batch_size: int, steps: int, warmup: int, with_eval: bool,
+def run_torch(config, host: dict, steps: int, warmup: int, with_eval: bool,
               modes: tuple[str, ...], jax_results: dict) -> dict:
-  """The PyTorch reference on the same config and batch; prints its rates and JAX's ratio."""
+  """The PyTorch reference on the same config and (host) batch; prints its rates and JAX's
+  ratio."""
+  batch_size = len(host["image"])
   try:
     from s4eca_jax import torch_reference  # pylint: disable=g-import-not-at-top  # torch is optional
   except ImportError as e:
@@ -177,8 +175,8 @@ def run_torch(config, batch_size: int, steps: int, warmup: int, with_eval: bool,
                          "extra: bash launch/setup.sh test") from e
   print(f"torch: the PyTorch reference (HF encoders, random weights), batch {batch_size}, "
         f"modes {', '.join(modes)}", flush=True)
-  out = torch_reference.benchmark(config, host_batch(config, batch_size), steps, warmup,
-                                  with_eval, compile_model="compiled" in modes)
+  out = torch_reference.benchmark(config, host, steps, warmup, with_eval,
+                                  compile_model="compiled" in modes)
   precision = "bf16 autocast" if out["autocast"] else "f32"
   for mode in ("eager", "compiled"):
     if mode not in out:
