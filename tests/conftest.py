@@ -16,10 +16,15 @@ def pytest_configure(config):
   import jax  # pylint: disable=g-import-not-at-top
 
   # Tests that train compile the same tiny steps several times: a persistent cache makes
-  # the repeats cheap (per test session, in a temp folder).
+  # the repeats cheap (per test session, in a temp folder). The commands that tests start
+  # as subprocesses inherit it through the environment.
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="s4eca_jax_cache_"))
+  cache = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="s4eca_jax_cache_"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  os.environ.update(cache)
+  jax.config.update("jax_compilation_cache_dir", cache["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
