@@ -39,9 +39,7 @@ def _start(workdir, dataset, arg, cache_dir):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(run_fixtures.REPO),
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir))  # conftest sets the cache's bounds
   processes = []
   for index in range(2):
     log = workdir.parent / f"{workdir.name}.p{index}.{time.monotonic_ns()}.log"

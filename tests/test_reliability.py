@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
 from s4eca_jax import checkpoint, metric_writer, predict, run_setup, train
@@ -120,9 +119,7 @@ def test_outputs_and_checkpoint_choice_are_checked_before_the_model(trained_work
 def _train_cli(tiny_dataset, workdir, *overrides):
   """The trainer as a process; its stdout and stderr go to files beside the workdir (a
   pipe nobody reads fills up and stalls the trainer)."""
-  env = dict(os.environ, PYTHONPATH=str(run_fixtures.REPO),
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(os.environ, PYTHONPATH=str(run_fixtures.REPO))  # with conftest's cache
   config = [
       f"--config={run_fixtures.CONFIGS / 'rrsisd.py'}:variant=tiny",
       f"--config.dataset={tiny_dataset['name']}",
