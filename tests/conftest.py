@@ -12,15 +12,17 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_configure(config):
-  del config
   import jax  # pylint: disable=g-import-not-at-top
 
   # Tests that train compile the same tiny steps several times: a persistent cache makes
   # the repeats cheap (per test session, in a temp folder). The commands that tests start
-  # as subprocesses inherit it through the environment.
+  # as subprocesses, and pytest-xdist's workers (-n 2), inherit it through the
+  # environment: the folder is made once, by the process that is not a worker.
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  cache = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="s4eca_jax_cache_"),
+  if not hasattr(config, "workerinput"):
+    os.environ["S4ECA_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="s4eca_jax_cache_")
+  cache = {"JAX_COMPILATION_CACHE_DIR": os.environ["S4ECA_JAX_TEST_CACHE"],
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   os.environ.update(cache)

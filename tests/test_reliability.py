@@ -127,6 +127,9 @@ def _train_cli(tiny_dataset, workdir, *overrides):
       f"--config.tokenizer={run_fixtures.MINILM}", "--config.batch_size=8",
       "--config.eval_batch_size=8", f"--config.total_steps={STEPS}", "--config.log_every=1",
       "--config.eval_every=-1", "--config.fsdp_min_size=16", "--config.optimizer.eps=0.001",
+      # tiny_config's mesh: the programs match the in-process runs' in the
+      # shared compilation cache (the config's own data=-1 would take all 8 devices).
+      f"--config.mesh={run_fixtures.MESH!r}",
       *overrides]
   workdir.parent.mkdir(parents=True, exist_ok=True)
   with open(f"{workdir}.stdout", "w") as out, open(f"{workdir}.stderr", "w") as err:
