@@ -49,7 +49,7 @@ SCHEDULE_FIELDS = frozenset((
     "data_dir", "mask_probability",
     # Performance levers: same parameters and data, another way to compute them.
     "frozen_dtype", "donate_state", "model.attention", "model.fused_qkv",
-    "image_encoder.remat", "text_encoder.remat"))
+    "image_encoder.remat", "text_encoder.remat", "model.visual_adapter.depthwise"))
 HISTORY = "run_history.jsonl"
 
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s4eca_jax.models import adapters, layers, vit
+from s4eca_jax import presets
+from s4eca_jax.models import adapters, layers, s4eca, vit
 
 BATCH, WIDTH, PREFIX, GRID, NUM_QUERIES = 2, 32, 3, (6, 6), 4
 TOKENS = PREFIX + GRID[0] * GRID[1]
@@ -159,11 +160,12 @@ def test_textual_adapter_reads_valid_words_only():
     module.apply({"params": params}, {1: taps[1]}, mask)
 
 
+@pytest.mark.parametrize("implementation", layers.DEPTHWISE_IMPLEMENTATIONS)
 @pytest.mark.parametrize("size", [3, 4, 7])
-def test_depthwise_conv_equals_grouped_conv(size):
-  """The shifted-sum depthwise conv has nn.Conv's parameters, outputs and gradients."""
+def test_depthwise_conv_equals_grouped_conv(size, implementation):
+  """Both depthwise convs have nn.Conv's parameters, outputs and gradients."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 8))
-  ours = layers.DepthwiseConv(size)
+  ours = layers.DepthwiseConv(size, implementation=implementation)
   grouped = nn.Conv(8, (size, size), padding="SAME", feature_group_count=8)
   params = ours.init(jax.random.PRNGKey(1), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
@@ -176,7 +178,8 @@ def test_depthwise_conv_equals_grouped_conv(size):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_depthwise_conv_accumulates_in_f32_at_bf16():
+@pytest.mark.parametrize("conv", [layers.depthwise_conv, layers.grouped_depthwise_conv])
+def test_depthwise_conv_accumulates_in_f32_at_bf16(conv):
   """bf16 inputs: the output is the exact sum (f64 of the bf16 values) rounded once to
   bf16, i.e. within 2^-8 relative; a bf16 running sum of 49 taps is off by far more.
   Same for the kernel gradient (a sum over batch and pixels)."""
@@ -184,9 +187,14 @@ def test_depthwise_conv_accumulates_in_f32_at_bf16():
   x = jnp.asarray(rng.normal(size=(2, 12, 12, 32)) + 3.0, jnp.bfloat16)
   kernel = jnp.asarray(rng.normal(size=(7, 7, 32)), jnp.bfloat16)
   grad = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
-  out, vjp = jax.vjp(layers.depthwise_conv, x, kernel)
+  out, vjp = jax.vjp(conv, x, kernel)
   _, grad_kernel = vjp(grad)
   assert out.dtype == grad_kernel.dtype == jnp.bfloat16
+  # XLA:CPU accumulates a bf16 convolution in f32 anyway, so the numbers below cannot tell
+  # whether the grouped conv asks for it; its program (forward and both gradients) can.
+  program = str(jax.make_jaxpr(lambda x, k: jax.vjp(conv, x, k)[1](grad))(x, kernel))
+  assert program.count("preferred_element_type=float32") == program.count(
+      "conv_general_dilated ") + program.count("conv_general_dilated[")
 
   x64, k64, g64 = (np.asarray(a, np.float64) for a in (x, kernel, grad))
   views = [np.pad(x64, ((0, 0), (3, 3), (3, 3), (0, 0)))[:, i:i + 12, j:j + 12]
@@ -196,3 +204,14 @@ def test_depthwise_conv_accumulates_in_f32_at_bf16():
   for ours, exact in ((out, exact_out), (grad_kernel, exact_grad_kernel)):
     relative = np.abs(np.asarray(ours, np.float64) - exact) / np.abs(exact)
     assert relative.max() <= 2.0**-8 * 1.001, relative.max()
+
+
+def test_depthwise_implementation_resolves_and_reaches_the_adapter():
+  assert layers.resolve_depthwise("auto", "cpu") == "shifted"
+  assert layers.resolve_depthwise("grouped", "tpu") == "grouped"
+  with pytest.raises(ValueError, match="depthwise='conv'; use 'auto' or one of"):
+    layers.resolve_depthwise("conv", "cpu")
+  config = presets.s4eca_config("rrsis_d", "tiny")
+  config.model.visual_adapter.depthwise = "grouped"
+  model = s4eca.build_model(config, "cpu")
+  assert model.image_encoder.adapter.keywords["depthwise"] == "grouped"

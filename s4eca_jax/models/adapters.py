@@ -102,6 +102,7 @@ class DenseMultiScale(nn.Module):
   kernel_sizes: Sequence[int] = (3, 5, 7)
   dense: bool = True
   dtype: Any = jnp.float32
+  depthwise: str = "shifted"  # layers.DEPTHWISE_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x):
@@ -111,7 +112,8 @@ class DenseMultiScale(nn.Module):
     for i, size in enumerate(self.kernel_sizes):
       inputs = jnp.concatenate([x] + branches, axis=-1) if self.dense else x
       y = nn.Dense(width, dtype=self.dtype, name=f"branch_{i}_pointwise")(inputs)
-      y = layers.DepthwiseConv(size, self.dtype, name=f"branch_{i}_depthwise")(y)
+      y = layers.DepthwiseConv(size, self.dtype, self.depthwise,
+                               name=f"branch_{i}_depthwise")(y)
       branches.append(gelu(y))
     return jnp.stack(branches, axis=3)
 
@@ -137,6 +139,7 @@ class VisualAdapter(nn.Module):
   cross_attention: bool = True
   num_heads: int = 4
   dtype: Any = jnp.float32
+  depthwise: str = "shifted"  # the branches' depthwise conv: layers.DEPTHWISE_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, n, *, context, num_prefix: int, grid: tuple[int, int]):
@@ -155,7 +158,7 @@ class VisualAdapter(nn.Module):
       proxies = nn.Dense(self.width, dtype=self.dtype, name="proxy_proj")(context)  # (B, Nq, r)
 
     branches = DenseMultiScale(self.kernel_sizes, self.dense_connectivity, self.dtype,
-                               name="multi_scale")(patches)  # (B, h, w, K, r)
+                               self.depthwise, name="multi_scale")(patches)  # (B, h, w, K, r)
     fused = branches.sum(axis=3)  # (B, h, w, r)
 
     if self.scale_selection:

@@ -315,6 +315,35 @@ def _shifted_sum(x, kernel, before: int, after: int):
   return total.astype(x.dtype)
 
 
+DEPTHWISE_IMPLEMENTATIONS = ("shifted", "grouped")
+
+
+def resolve_depthwise(name: str, backend: str) -> str:
+  """config.model.visual_adapter.depthwise -> "shifted" (sums of shifted products, the
+  custom VJP below) or "grouped" (XLA's convolution with one group per channel).
+
+  "auto" picks shifted sums: XLA:CPU runs grouped convolutions slowly (DepthwiseConv).
+  """
+  if name == "auto":
+    return "shifted"
+  if name not in DEPTHWISE_IMPLEMENTATIONS:
+    raise ValueError(f"config.model.visual_adapter.depthwise={name!r}; use 'auto' or one of "
+                     f"{DEPTHWISE_IMPLEMENTATIONS}.")
+  return name
+
+
+def grouped_depthwise_conv(x, kernel):
+  """depthwise_conv by XLA's grouped convolution (feature_group_count = channels), f32
+  accumulation at any input dtype (as depthwise_conv), result in x's dtype."""
+  channels = x.shape[-1]
+  out = jax.lax.conv_general_dilated(
+      x, kernel.reshape(*kernel.shape[:2], 1, channels), window_strides=(1, 1),
+      padding=[_same_padding(kernel.shape[0])] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
+      preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)
+
+
 @jax.custom_vjp
 def depthwise_conv(x, kernel):
   """Depthwise "SAME" convolution, stride 1: x (B, H, W, C), kernel (k, k, C).
@@ -355,6 +384,7 @@ class DepthwiseConv(nn.Module):
 
   kernel_size: int
   dtype: Dtype = jnp.float32
+  implementation: str = "shifted"  # or "grouped": grouped_depthwise_conv (resolve_depthwise)
 
   @nn.compact
   def __call__(self, x):
@@ -362,7 +392,8 @@ class DepthwiseConv(nn.Module):
     k, channels = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
-    out = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
+    conv = {"shifted": depthwise_conv, "grouped": grouped_depthwise_conv}[self.implementation]
+    out = conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
     return out + bias.astype(self.dtype)
 
 

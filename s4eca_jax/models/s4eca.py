@@ -110,7 +110,9 @@ def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -
       adapters.VisualAdapter, width=va.width, kernel_sizes=tuple(va.kernel_sizes),
       dense_connectivity=va.dense_connectivity, scale_selection=va.scale_selection,
       spatial_selection=va.spatial_selection, spatial_kernel=va.spatial_kernel,
-      spatial_standardize=va.spatial_standardize, cross_attention=va.cross_attention, num_heads=va.num_heads, dtype=dtype)
+      spatial_standardize=va.spatial_standardize, cross_attention=va.cross_attention,
+      num_heads=va.num_heads, dtype=dtype,
+      depthwise=layers.resolve_depthwise(va.get("depthwise", "auto"), backend))
   image_encoder = vit.VisionTransformer(
       family=IMAGE_KINDS[image_cfg.kind], **_module_kwargs(image_cfg), adapter=visual_adapter,
       adapter_blocks=tuple(va.blocks), adapter_scale=va.scale, attention=attention,
