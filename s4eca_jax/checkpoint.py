@@ -31,6 +31,8 @@ from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from s4eca_jax import sharding
+
 MANIFEST = "MANIFEST_SHA256.json"
 # orbax rewrites the step's metadata (timestamps) after the manifest is written; it holds
 # no array data and a damaged one fails to parse rather than restoring wrong values.
@@ -177,6 +179,11 @@ class Checkpointer:
           get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
     quiet_closed_event_loop_noise()
+    # Orbax syncs the processes with device collectives (restore, save). On CPU the first
+    # one sets up a gloo context that waits only 30 s for its peers, and processes can
+    # come here further apart than that (process 0 alone writes the compilation cache; a
+    # loaded host): wait for all on the coordination service first.
+    sharding.sync_processes("checkpointer")
     workdir = epath.Path(workdir)  # local or gs://
     self.directory = (workdir if workdir.is_absolute() else workdir.absolute()) / "checkpoints"
     # Manifests (integrity) are written and verified on local file systems only.

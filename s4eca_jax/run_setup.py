@@ -298,6 +298,10 @@ def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
     reports += more
   for line in reports:
     log(f"  {line}")
+  # Loaded weights come from the host: device_put compares them across processes with
+  # device collectives (see build), so every process must be here, however long its
+  # loading took.
+  sharding.sync_processes("params")
   return jax.device_put(params, shardings), shardings
 
 
@@ -352,7 +356,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   if abstract:
     state = _with_shardings(state, state_shardings)
   else:
-    state.update(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(config.seed))
+    # Made by a program on the devices, not device_put from the host: with several
+    # processes, device_put of a host value checks that every process holds the same
+    # value with a device collective, and on CPU its first one (a gloo context) waits
+    # only 30 s for a peer that is still setting up.
+    fresh = lambda: {"step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(config.seed)}
+    state.update(jax.jit(fresh, out_shardings={k: state_shardings[k] for k in ("step", "rng")})())
     state = jax.device_put(state, state_shardings)
   return Setup(model, mesh, frozen, state, state_shardings, frozen_shardings, tx, schedule)
 

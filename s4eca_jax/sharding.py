@@ -40,7 +40,7 @@ def initialize_distributed(config) -> None:
   jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
 
 
-COMPILE_BARRIER_TIMEOUT_S = 3600  # a large step compiling on a slow host
+BARRIER_TIMEOUT_S = 3600  # a large step compiling (or weights loading) on a slow host
 _barriers = itertools.count()
 
 
@@ -54,10 +54,16 @@ def compile_together(jitted, args: Sequence[Any], name: str) -> Callable[..., An
   process 0 only), and the collective's set-up times out.
   """
   compiled = jitted.lower(*args).compile()
-  if jax.process_count() > 1:
-    key = f"s4eca_compiled_{next(_barriers)}_{name}"  # the same sequence on every process
-    multihost.get_barrier_sync_fn()(key=key, timeout_ms=COMPILE_BARRIER_TIMEOUT_S * 1000)
+  sync_processes(f"compiled_{name}")
   return compiled
+
+
+def sync_processes(name: str) -> None:
+  """With several processes, waits until all reach this point (a barrier on the
+  coordination service, up to BARRIER_TIMEOUT_S; no device collective)."""
+  if jax.process_count() > 1:
+    key = f"s4eca_{next(_barriers)}_{name}"  # the same sequence on every process
+    multihost.get_barrier_sync_fn()(key=key, timeout_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 def _axis_sizes(sizes, num_devices, what):
