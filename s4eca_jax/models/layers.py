@@ -315,9 +315,6 @@ def _shifted_sum(x, kernel, before: int, after: int):
   return total.astype(x.dtype)
 
 
-DEPTHWISE_IMPLEMENTATIONS = ("shifted", "grouped")
-
-
 def resolve_depthwise(name: str, backend: str) -> str:
   """config.model.visual_adapter.depthwise -> "shifted" (sums of shifted products, the
   custom VJP below) or "grouped" (XLA's convolution with one group per channel).
@@ -375,6 +372,9 @@ def _depthwise_bwd(residuals, grad):
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
+DEPTHWISE_CONVS = {"shifted": depthwise_conv, "grouped": grouped_depthwise_conv}
+DEPTHWISE_IMPLEMENTATIONS = tuple(DEPTHWISE_CONVS)
+
 
 class DepthwiseConv(nn.Module):
   """Depthwise 2-D convolution, stride 1, "SAME" padding (`depthwise_conv`).
@@ -386,7 +386,7 @@ class DepthwiseConv(nn.Module):
 
   kernel_size: int
   dtype: Dtype = jnp.float32
-  implementation: str = "shifted"  # or "grouped": grouped_depthwise_conv (resolve_depthwise)
+  implementation: str = "shifted"  # a DEPTHWISE_CONVS key (resolve_depthwise)
 
   @nn.compact
   def __call__(self, x):
@@ -394,7 +394,7 @@ class DepthwiseConv(nn.Module):
     k, channels = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
-    conv = {"shifted": depthwise_conv, "grouped": grouped_depthwise_conv}[self.implementation]
+    conv = DEPTHWISE_CONVS[self.implementation]
     out = conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
     return out + bias.astype(self.dtype)
 
