@@ -1,67 +1,123 @@
 #!/usr/bin/env bash
 # One GPU benchmark call for issue 16 (H100/H200, jax with CUDA preinstalled).
 #
-#   bash bench/gpu_run.sh                 # on the GPU machine, from the repository root
-#   GPU_RUN_TINY=1 bash bench/gpu_run.sh  # CPU smoke run of the same steps, tiny sizes
+#   bash bench/gpu_run.sh [STEP...]                 # on the GPU machine, from the repository root
+#   GPU_RUN_TINY=1 PYTHON=$PWD/.venv/bin/python bash bench/gpu_run.sh   # CPU smoke run, tiny sizes
 #
-# Needs bench/_probe/encoder_anchor.py (a git-ignored copy of the shared encoder skeleton
-# probe: cp /work/shared/bench/encoder_anchor.py bench/_probe/; carry bench/_probe to the
-# device). WHEELS=DIR installs the package's pure-Python dependencies from wheels there
-# first (no index). Writes everything to $OUT (default /tmp/gpu_run): nvidia-smi.txt,
-# probe.log + anchor.json (skeleton images/s and MFU against the in-run matmul rate),
-# bench_*.log + bench_*.json (s4eca_jax.bench: rrsisd, bf16, batch 32, random encoders,
-# synthetic batches; images/s, MFU, peak memory). Targets: train step >= 405 images/s
-# with peak <= 21 GiB; skeleton >= 55% of the matmul rate. Each step has a time limit, so
-# one slow step cannot eat the device budget (15 min in all).
+# STEPs (default: default levers probe), each an s4eca_jax.bench run of the rrsisd config,
+# bf16, batch 32, --train_only, stand-in weights, synthetic batches:
+#   default   the defaults (cuDNN flash attention, frozen f32, no remat)
+#   profile   the defaults with --profile: 3 steps traced; bench/profile_summary.py's table
+#   levers    frozen params in bf16 + image-encoder remat dots_no_batch (the memory levers)
+#   frozen_bf16, grouped (depthwise as XLA's grouped conv), bf16_residual
+#             (model.f32_residual=False), fused_qkv, xla_attention: one lever each
+#   probe     the shared encoder-skeleton probe (bench/_probe/encoder_anchor.py, a
+#             git-ignored copy: cp /work/shared/bench/encoder_anchor.py bench/_probe/; carry
+#             bench/_probe to the device), which measures its own matmul rate
+# Targets: train step >= 405 images/s on an H100 with peak <= 21 GiB; skeleton >= 55% of
+# the in-run matmul rate.
+#
+# Writes to $OUT (default /tmp/gpu_run) at most 8 files (what the device tool brings back):
+# env.txt (nvidia-smi, versions), summary.txt (the lines that matter), profile.txt,
+# logs.tgz (every log and JSON) and profile.tgz (the trace and HLO of `profile`), rebuilt
+# after each step.
+# WHEELS=DIR installs the package's pure-Python dependencies from wheels there first.
+# DEADLINE (seconds, default 520) bounds the whole script: each step gets at most LIMIT
+# seconds (default 240) and never more than what is left, so one slow step cannot eat the
+# device budget (15 min in all).
+#
 # On an H200 (2026-11-27) the full rrsisd step was still compiling after 200-262 s, three
-# times: compiled steps go to a persistent cache in $OUT/jax_cache (reused by a rerun on
-# the same warm machine), and XLA_GPU_AUTOTUNE=0 (XLA's --xla_gpu_autotune_level=0: no
-# GEMM/conv autotuning, a faster compile, maybe a slower step) is there to try if the
-# compile still does not fit.
+# times. Most of that was the model's init program (one unrolled threefry per leaf: 64 s
+# to compile on a 2-core CPU, against 43 s for the train step); s4eca_jax.bench now makes
+# stand-in weights on the host instead (run_setup.stand_in_params), and the step compiled
+# in 58-78 s on an H200 (2026-11-28). Compiled steps go to a persistent cache in
+# /tmp/gpu_run_jax_cache; XLA_GPU_AUTOTUNE=0 (XLA's --xla_gpu_autotune_level=0: no
+# GEMM/conv autotuning) is there to try if a compile does not fit.
 set -u
 cd "$(dirname "$0")/.."
+T0=$SECONDS
+DEADLINE=${DEADLINE:-520}
+left() {  # seconds this step may take: min(LIMIT, what is left of DEADLINE)
+  local rest=$((DEADLINE - (SECONDS - T0) - 5))
+  [ "$rest" -lt "$LIMIT" ] && echo "$rest" || echo "$LIMIT"
+}
 OUT=${OUT:-/tmp/gpu_run}
-mkdir -p "$OUT"
+LOGS=/tmp/gpu_run_logs
+mkdir -p "$OUT" "$LOGS"
 PYTHON=${PYTHON:-python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_run_jax_cache}
 if [ -n "${XLA_GPU_AUTOTUNE:-}" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=$XLA_GPU_AUTOTUNE"
 fi
 
 if [ -n "${WHEELS:-}" ]; then
-  $PYTHON -m pip install -q --no-index --no-deps "$WHEELS"/*.whl > "$OUT/pip.log" 2>&1
+  $PYTHON -m pip install -q --no-index --no-deps "$WHEELS"/*.whl > /tmp/gpu_run_pip.log 2>&1 \
+    || { echo "pip failed:"; cat /tmp/gpu_run_pip.log; } >> "$OUT/summary.txt"
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-smi.txt"
-$PYTHON -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
-  > "$OUT/versions.txt" 2>&1
+{ nvidia-smi 2>&1 || echo "no nvidia-smi"
+  $PYTHON -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+} > "$OUT/env.txt" 2>&1
 
 if [ -n "${GPU_RUN_TINY:-}" ]; then
   CONFIG=configs/rrsisd.py:variant=tiny; BATCH=8; STEPS=2; MATMUL=256; LIMIT=300
   PROBE_ARGS="--tiny"
 else
-  CONFIG=configs/rrsisd.py; BATCH=32; STEPS=20; MATMUL=8192; LIMIT=${LIMIT:-240}
+  CONFIG=configs/rrsisd.py; BATCH=32; STEPS=${STEPS:-20}; MATMUL=8192; LIMIT=${LIMIT:-240}
   PROBE_ARGS="--skip_compile"  # torch.compile, if torch is there, costs minutes
 fi
 
-run() {  # run NAME ARGS...: one bench configuration, log and JSON in $OUT
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$OUT/summary.txt"
-  timeout "$LIMIT" $PYTHON -m s4eca_jax.bench --config "$CONFIG" --batch_size "$BATCH" \
-    --steps "$STEPS" --matmul_size "$MATMUL" --json "$OUT/bench_$name.json" "$@" \
-    > "$OUT/bench_$name.log" 2>&1
-  echo "exit $?" >> "$OUT/bench_$name.log"
-  grep -E "train step|eval forward|MFU|peak memory|exit" "$OUT/bench_$name.log" | tee -a "$OUT/summary.txt"
+say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+pack() {  # the trace apart: if it passes the 16 MiB a file may have, the logs still come back
+  tar -czf "$OUT/logs.tgz" -C "$LOGS" --exclude=./profile . 2>/dev/null
+  [ -d "$LOGS/profile" ] && tar -czf "$OUT/profile.tgz" -C "$LOGS" profile 2>/dev/null
+  return 0
 }
 
-# 1. The encoder skeleton (the probe measures its own matmul rate).
-echo "== probe" | tee -a "$OUT/summary.txt"
-( cd "$OUT" && OUT="$OUT" timeout "$LIMIT" $PYTHON "$OLDPWD/bench/_probe/encoder_anchor.py" \
-    $PROBE_ARGS ) > "$OUT/probe.log" 2>&1
-grep -E "matmul|jax\[|RESULT" "$OUT/probe.log" | tee -a "$OUT/summary.txt"
+bench() {  # bench NAME ARGS...: one s4eca_jax.bench run, log and JSON in $LOGS
+  local name=$1; shift
+  local limit; limit=$(left)
+  if [ "$limit" -lt 30 ]; then say "== $name: skipped, ${limit}s left"; return; fi
+  say "== $name (limit ${limit}s, at $((SECONDS - T0))s): $*"
+  PYTHONUNBUFFERED=1 timeout "$limit" $PYTHON -m s4eca_jax.bench --config "$CONFIG" \
+    --batch_size "$BATCH" --steps "$STEPS" --matmul_size "$MATMUL" --train_only \
+    --json "$LOGS/bench_$name.json" "$@" > "$LOGS/bench_$name.log" 2>&1
+  echo "exit $?" >> "$LOGS/bench_$name.log"
+  grep -E "^bench: [ptl]|train step|eval forward|MFU|peak memory|exit" "$LOGS/bench_$name.log" \
+    | tee -a "$OUT/summary.txt"
+  pack
+}
 
-# 2. The full train step: defaults (bf16, cuDNN flash attention), then the levers.
-run default
-run levers --config.frozen_dtype=bfloat16
-run xla_attention --config.frozen_dtype=bfloat16 --config.model.attention=xla --train_only
+probe() {
+  local limit; limit=$(left)
+  if [ "$limit" -lt 60 ]; then say "== probe: skipped, ${limit}s left"; return; fi
+  say "== probe (limit ${limit}s, at $((SECONDS - T0))s)"
+  ( cd "$LOGS" && OUT="$LOGS" PYTHONUNBUFFERED=1 timeout "$limit" $PYTHON \
+      "$OLDPWD/bench/_probe/encoder_anchor.py" $PROBE_ARGS ) > "$LOGS/probe.log" 2>&1
+  echo "exit $?" >> "$LOGS/probe.log"
+  grep -E "matmul|jax\[|RESULT|exit" "$LOGS/probe.log" | cut -c1-400 | tee -a "$OUT/summary.txt"
+  pack
+}
+
+for step in "${@:-default levers probe}"; do
+  for step in $step; do
+    case $step in
+      default) bench default ;;
+      profile)
+        rm -rf "$LOGS/profile"
+        bench profile --profile "$LOGS/profile"
+        $PYTHON bench/profile_summary.py "$LOGS/profile" --top 40 > "$OUT/profile.txt" 2>&1
+        head -30 "$OUT/profile.txt"; pack ;;
+      levers) bench levers --config.frozen_dtype=bfloat16 --config.image_encoder.remat=dots_no_batch ;;
+      frozen_bf16) bench frozen_bf16 --config.frozen_dtype=bfloat16 ;;
+      grouped) bench grouped --config.model.visual_adapter.depthwise=grouped ;;
+      bf16_residual) bench bf16_residual --config.model.f32_residual=False ;;
+      fused_qkv) bench fused_qkv --config.model.fused_qkv=True ;;
+      xla_attention) bench xla_attention --config.model.attention=xla ;;
+      probe) probe ;;
+      *) say "unknown step $step (see the list at the top of bench/gpu_run.sh)" ;;
+    esac
+  done
+done
+say "== done at $((SECONDS - T0))s"

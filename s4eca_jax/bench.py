@@ -4,8 +4,9 @@
     python -m s4eca_jax.bench --config configs/rrsisd.py:variant=tiny --batch_size 8 \
         --matmul_size 512                                         # a CPU smoke run
 
-Frozen encoders are random (config.random_init_encoders is forced on): no weights and no
-dataset are needed. Compiles each step once, warms up, then times --steps steps each
+Weights are stand-ins of the right shapes made on the host (run_setup.stand_in_params:
+the model's own init takes minutes to compile on a GPU), so no checkpoint and no dataset
+are needed. Compiles each step once, warms up, then times --steps steps each
 with device synchronisation and prints images/s (median, min, max), model FLOPs per
 image, MFU against a bf16 matmul rate measured in the same run on the same devices, and
 peak device memory. Model FLOPs are XLA's count of the same step lowered with XLA
@@ -22,6 +23,7 @@ autocast where the config computes in bf16. Needs the test extra (torch, transfo
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -72,11 +74,23 @@ def matmul_rate(size: int, steps: int) -> float:
 
 
 def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
-  """FLOPs of one train step (all devices) from XLA's cost analysis with XLA attention."""
+  """FLOPs of one train step (all devices) from XLA's cost analysis of the step lowered
+  with XLA attention, so fused kernels (cuDNN, Pallas) count as the work they replace.
+  Lowered for one CPU device where there is one: a GPU's lowered module gives no cost
+  analysis (jax 0.11.2 counted 0 FLOPs on an H200), and the count does not depend on the
+  backend."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.attention = "xla"
+  try:
+    cpu = jax.devices("cpu")[:1]
+  except RuntimeError:  # JAX_PLATFORMS without cpu: the run's own devices
+    cpu = None
+  if cpu:
+    mesh = sharding.make_mesh([(axis, 1) for axis in mesh.axis_names], devices=cpu)
+  data = sharding.batch_sharding(mesh)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), batch)
   setup = run_setup.build(config, mesh, total_steps=1000, abstract=True,
-                      backend=jax.default_backend())
+                          backend=mesh.devices.flat[0].platform)
   lowered = run_setup.make_train_step(setup, config).lower(setup.state, setup.frozen, batch)
   cost = lowered.cost_analysis() or {}
   return float(cost.get("flops", 0.0))
@@ -97,32 +111,53 @@ def peak_memory(compiled) -> tuple[float | None, str]:
 
 
 def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: int,
-        matmul_size: int, with_eval: bool = True, torch_modes: tuple[str, ...] = ()) -> dict:
+        matmul_size: int, with_eval: bool = True, torch_modes: tuple[str, ...] = (),
+        profile_dir: str | None = None) -> dict:
   """JAX train (and eval) steps timed; torch_modes ("eager", "compiled") also time the
-  PyTorch reference (torch_reference.benchmark) on the same config and batch."""
-  config.random_init_encoders = True
+  PyTorch reference (torch_reference.benchmark) on the same config and batch; profile_dir:
+  3 more train steps traced there with jax.profiler."""
+  config.random_init_encoders = True  # no encoder folders read (the torch reference too)
+  results = {"batch_size": batch_size, "devices": 0, "device_kind": jax.devices()[0].device_kind,
+             "jax": jax.__version__}
   config.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
-  devices = mesh.devices.size
+  devices = results["devices"] = mesh.devices.size
   print(f"bench: batch {batch_size}, image {config.image_size}, {devices} x "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}, compute "
         f"{config.model.compute_dtype}, attention {config.model.attention}", flush=True)
-  setup = run_setup.build(config, mesh, total_steps=1000)
+  start = time.perf_counter()
+  setup = run_setup.build(config, mesh, total_steps=1000, stand_in=True)
+  jax.block_until_ready(setup.state)
+  results["build_s"] = time.perf_counter() - start
+  print(f"bench: params and optimizer state made in {results['build_s']:.1f} s", flush=True)
   host = host_batch(config, batch_size)
   batch = sharding.global_batch(host, sharding.batch_sharding(mesh))
-  results = {"batch_size": batch_size, "devices": devices,
-             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
 
   start = time.perf_counter()
-  train_step = run_setup.make_train_step(setup, config).lower(
-      setup.state, setup.frozen, batch).compile()
+  lowered = run_setup.make_train_step(setup, config).lower(setup.state, setup.frozen, batch)
+  results["lower_s"] = time.perf_counter() - start
+  print(f"bench: train step traced and lowered in {results['lower_s']:.1f} s; compiling",
+        flush=True)
+  start = time.perf_counter()
+  train_step = lowered.compile()
   results["compile_s"] = time.perf_counter() - start
+  print(f"bench: train step compiled in {results['compile_s']:.1f} s", flush=True)
   first = jax.tree.map(jnp.copy, setup.state)  # the step donates its input state
   step_args = lambda out: (first if out is None else out[0], setup.frozen, batch)
   # Each step's input state is donated: only the last step's output is alive afterwards.
   seconds, (state, _) = timed(train_step, step_args, steps, warmup)
   results["train"] = summary(seconds, batch_size)
   results["peak_bytes"], results["peak_source"] = peak_memory(train_step)
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(3):
+        state, _ = train_step(state, setup.frozen, batch)
+      jax.block_until_ready(state)
+    # The optimised HLO maps each traced op to the model code it came from (op_name).
+    with open(os.path.join(profile_dir, "train_step.hlo.txt"), "w") as out:
+      out.write(train_step.as_text())
+    print(f"bench: 3 train steps traced to {profile_dir} (bench/profile_summary.py "
+          "lists the device ops that took the time)", flush=True)
 
   if with_eval:
     threshold = config.get("mask_probability", 0.5)
@@ -141,7 +176,7 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
   results["gflop_per_image"] = flops / batch_size / 1e9
   results["matmul_tflops"] = matmul_rate(matmul_size, max(steps, 3)) / 1e12
   achieved = results["train"]["images_per_s_median"] * flops / batch_size
-  results["mfu"] = achieved / (results["matmul_tflops"] * 1e12 * devices)
+  results["mfu"] = achieved / (results["matmul_tflops"] * 1e12 * devices) if flops else None
 
   train_s = results["train"]
   print(f"train step: {train_s['images_per_s_median']:.1f} images/s median (min "
@@ -152,9 +187,10 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
     e = results["eval"]
     print(f"eval forward: {e['images_per_s_median']:.1f} images/s median (min "
           f"{e['images_per_s_min']:.1f}, max {e['images_per_s_max']:.1f})")
+  mfu = f"{results['mfu']:.1%}" if flops else "unknown (XLA counted no FLOPs)"
   print(f"model: {results['gflop_per_image']:.1f} GFLOP/image per train step; bf16 "
         f"{matmul_size}^3 matmul {results['matmul_tflops']:.1f} TFLOP/s per device in this "
-        f"run -> MFU {results['mfu']:.1%}")
+        f"run -> MFU {mfu}")
   peak = results["peak_bytes"]
   print(f"peak memory: {peak / 2**30:.2f} GiB ({results['peak_source']})" if peak else
         "peak memory: unknown")
@@ -215,6 +251,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("torch", False, "also time the PyTorch reference (s4eca_jax."
                     "torch_reference, HF encoders) on the same config and batch, eager and "
                     "torch.compile'd, and print JAX's ratio (needs the test extra)")
+  flags.DEFINE_string("profile", None, "after the timed steps, trace 3 train steps to this "
+                      "folder with jax.profiler (bench/profile_summary.py reads it)")
   flags.DEFINE_bool("torch_compile", True, "with --torch: also the torch.compile'd model")
 
 
@@ -224,7 +262,7 @@ def main(argv) -> None:
   results = run(config, FLAGS.batch_size or config.batch_size, FLAGS.steps, FLAGS.warmup,
                 FLAGS.matmul_size, not FLAGS.train_only,
                 (("eager", "compiled") if FLAGS.torch_compile else ("eager",)) if FLAGS.torch
-                else ())
+                else (), FLAGS.profile)
   if FLAGS.json:
     with open(FLAGS.json, "w") as out:
       json.dump(results, out, indent=1)

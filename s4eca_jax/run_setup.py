@@ -26,6 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 
@@ -305,6 +306,28 @@ def create_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
   return jax.device_put(params, shardings), shardings
 
 
+def stand_in_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """Weights of the model's shapes made on the host, not by the model's init: norm scales
+  1, biases 0, every other leaf normal / sqrt(fan-in). For benchmarks, where values do not
+  matter: the init program of the full model draws each leaf with its own unrolled
+  threefry (rrsisd: ~200k instructions after optimisation, 64 s to compile on a 2-core
+  CPU, minutes on a GPU). -> (params, shardings)."""
+  abstract, shardings = abstract_sharded_params(config, model, mesh)
+  rng = np.random.default_rng(config.seed)
+
+  def leaf(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in ("scale", "bias"):
+      return np.full(x.shape, 1.0 if name == "scale" else 0.0, x.dtype)
+    fan_in = int(np.prod(x.shape[:-1])) or 1
+    return (rng.standard_normal(x.shape, np.float32) / np.sqrt(fan_in)).astype(x.dtype)
+
+  params = jax.tree_util.tree_map_with_path(leaf, abstract)
+  sharding.sync_processes("params")  # device_put below: see create_params
+  return jax.device_put(params, shardings), shardings
+
+
 def abstract_sharded_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
                             mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """Shapes of the params (ShapeDtypeStructs with their shardings): no weights made."""
@@ -320,14 +343,16 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           total_steps: int | None, *, abstract: bool = False,
-          backend: str | None = None) -> Setup:
+          backend: str | None = None, stand_in: bool = False) -> Setup:
   """Model, frozen/trainable split and (when total_steps is given) optimizer state.
 
   abstract=True: params and state are ShapeDtypeStructs (for ahead-of-time compilation,
-  s4eca_jax.aot); backend: the platform compiled for (see s4eca.build_model).
+  s4eca_jax.aot); backend: the platform compiled for (see s4eca.build_model);
+  stand_in=True: host-made weights of the right shapes (stand_in_params, benchmarks).
   """
   model = s4eca.build_model(config, backend)
-  make_params = abstract_sharded_params if abstract else create_params
+  make_params = (abstract_sharded_params if abstract else
+                 stand_in_params if stand_in else create_params)
   params, shardings = make_params(config, model, mesh)
   mask = partition.trainable_mask(params, config.trainable)
   if not abstract:
