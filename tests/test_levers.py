@@ -1,12 +1,22 @@
 """Performance switches of the trainer's set-up: frozen params stored in bf16, the
-abstract (weightless) build that the AOT tool compiles from, donation."""
+abstract (weightless) build that the AOT tool compiles from, donation; the benchmark, its
+stand-in weights and its profile summary."""
+
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests import run_fixtures
 from s4eca_jax import run_setup, sharding
+from s4eca_jax.models import s4eca
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _dtypes(tree):
@@ -42,7 +52,7 @@ def test_donation_switch():
   assert not donated()
 
 
-def test_bench_times_train_and_eval_steps(capsys):
+def test_bench_times_train_and_eval_steps(capsys, tmp_path):
   # The train step donates its state: the eval timed after it must use the last step's
   # output, not the donated input (which raised "Array has been deleted").
   from s4eca_jax import bench  # pylint: disable=g-import-not-at-top
@@ -50,7 +60,7 @@ def test_bench_times_train_and_eval_steps(capsys):
   config = run_fixtures.config("rrsisd", "variant=tiny")
   config.mesh = (("data", 2), ("fsdp", 1))
   results = bench.run(config, batch_size=4, steps=2, warmup=1, matmul_size=64,
-                      torch_modes=("eager",))
+                      torch_modes=("eager",), profile_dir=str(tmp_path / "profile"))
   out = capsys.readouterr().out
   for line in ("train step: ", "eval forward: ", "GFLOP/image", "MFU", "peak memory: ",
                "torch eager train (cpu, f32): ", "torch eager eval (cpu, f32): ", "JAX / torch"):
@@ -62,3 +72,33 @@ def test_bench_times_train_and_eval_steps(capsys):
   assert torch_eager["train"]["images_per_s_median"] > 0 and "compiled" not in results["torch"]
   assert torch_eager["train"]["jax_over_torch"] == pytest.approx(
       results["train"]["images_per_s_median"] / torch_eager["train"]["images_per_s_median"])
+  # The traced steps, summarised by op and by the model scope their HLO op_name names.
+  summary = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "profile_summary.py"), str(tmp_path / "profile")],
+      capture_output=True, text=True, check=True).stdout
+  assert "HLO names found" in summary, summary
+  assert re.search(r"bwd image_encoder/block_\*/adapter", summary), summary
+  assert re.search(r"fwd decoder", summary), summary
+
+
+def test_stand_in_params_have_the_model_shapes_and_shardings():
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 2)))
+  model = s4eca.build_model(config)
+  params, shardings = run_setup.stand_in_params(config, model, mesh)
+  abstract, expected = run_setup.abstract_sharded_params(config, model, mesh)
+  assert jax.tree.structure(params) == jax.tree.structure(abstract)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    want = abstract
+    for key in path:
+      want = want[key.key]
+    assert (leaf.shape, leaf.dtype, leaf.sharding) == (want.shape, want.dtype, want.sharding)
+    name = path[-1].key
+    values = np.asarray(leaf)
+    if name == "scale":
+      assert (values == 1).all(), path
+    elif name == "bias":
+      assert (values == 0).all(), path
+    else:  # drawn: normal / sqrt(fan-in)
+      assert values.std() > 0, path
+  assert shardings == expected
