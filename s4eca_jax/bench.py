@@ -117,11 +117,11 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
   PyTorch reference (torch_reference.benchmark) on the same config and batch; profile_dir:
   3 more train steps traced there with jax.profiler."""
   config.random_init_encoders = True  # no encoder folders read (the torch reference too)
-  results = {"batch_size": batch_size, "devices": 0, "device_kind": jax.devices()[0].device_kind,
-             "jax": jax.__version__}
   config.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
-  devices = results["devices"] = mesh.devices.size
+  devices = mesh.devices.size
+  results = {"batch_size": batch_size, "devices": devices,
+             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
   print(f"bench: batch {batch_size}, image {config.image_size}, {devices} x "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}, compute "
         f"{config.model.compute_dtype}, attention {config.model.attention}", flush=True)
