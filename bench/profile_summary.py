@@ -4,10 +4,13 @@
 
 DIR is what `python -m s4eca_jax.bench ... --profile DIR` wrote: a jax.profiler trace of
 3 train steps and the step's optimised HLO (train_step.hlo.txt). Device ops are the
-events of the accelerator's "XLA Ops" line (GPU/TPU), or of XLA's CPU threads on a CPU.
-Each op is attributed through its HLO op_name metadata to a scope of the model
-(image_encoder/block_*/adapter, decoder, ...; block numbers folded) and to forward or
-backward (the name stack holds transpose(...) for the backward pass). Prints milliseconds
+events of the accelerator's "XLA Ops" line where the trace has one, else of all its lines
+(a GPU's streams), or of XLA's compute threads on a CPU (there, "Rendezvous" and "Wait"
+events are one device waiting for the other). Each op is attributed through its HLO
+op_name metadata to a scope of the model (image_encoder/block_*/adapter, decoder, ...;
+block numbers folded) and to forward or backward (the name stack holds transpose(...) for
+the backward pass). An op without metadata (a layout copy, a convolution XLA rewrote)
+takes its first operand's, so a kernel gradient can show as forward. Prints milliseconds
 per step. On GPU, XLA runs most of the step as CUDA graphs (command buffers): kernels
 keep the names of their HLO fusions, but cuBLAS / cuDNN kernels only their library's
 names, so those are grouped by library.
@@ -73,6 +76,8 @@ def scope(op_name: str, depth: int) -> tuple[str, str]:
   """(model scope, 'fwd' | 'bwd') of a JAX name stack such as
   jit(train_step)/transpose(jvp(S4ECA))/image_encoder/block_3/adapter/dot_general."""
   direction = "bwd" if "transpose(" in op_name else "fwd"
+  if ":" in op_name:  # XLA combined several ops, e.g. the gradients' all-reduces
+    return "(several ops combined: " + op_name.split(":")[0].split("/")[-1] + ", ...)", direction
   parts = [p for p in op_name.split("/")[1:] if not re.match(r"^\w+\(", p)]
   parts = [re.sub(r"_\d+$", "_*", p) for p in parts[:-1]]  # the last part is the primitive
   return "/".join(parts[:depth]) or "(outside the model)", direction
@@ -84,11 +89,12 @@ _LIBRARY_KERNELS = (  # GPU kernels that carry no HLO name (cuBLAS / cuDNN calls
                              "nhwc", "nchw", "conv")),
     ("(cuBLAS matmul)", ("nvjet", "gemm", "cutlass", "cublas")),
     ("(memset / copy)", ("memset", "memcpy")),
+    ("(waiting for another device)", ("rendezvous", "wait:")),
 )
 
 
 def library(kernel: str) -> str:
-  """The library group of a kernel name that maps to no HLO op."""
+  """The group of a kernel or event name that maps to no HLO op."""
   lower = kernel.lower()
   for group, patterns in _LIBRARY_KERNELS:
     if any(pattern in lower for pattern in patterns):
