@@ -6,11 +6,13 @@
 #
 # STEPs (default: default levers probe), each an s4eca_jax.bench run of the rrsisd config,
 # bf16, batch 32, --train_only, stand-in weights, synthetic batches:
-#   default   the defaults (cuDNN flash attention, frozen f32, no remat)
+#   default   the defaults (on GPU: cuDNN flash attention, the adapters' depthwise convs as
+#             XLA's grouped convolution, frozen f32, no remat)
 #   profile   the defaults with --profile: 3 steps traced; bench/profile_summary.py's table
 #   levers    frozen params in bf16 + image-encoder remat dots_no_batch (the memory levers)
-#   frozen_bf16, grouped (depthwise as XLA's grouped conv), bf16_residual
-#             (model.f32_residual=False), fused_qkv, xla_attention: one lever each
+#   frozen_bf16, shifted (depthwise as shifted sums, the GPU default before 2026-11-28),
+#             bf16_residual (model.f32_residual=False), fused_qkv, xla_attention: one lever
+#             each
 #   probe     the shared encoder-skeleton probe (bench/_probe/encoder_anchor.py, a
 #             git-ignored copy: cp /work/shared/bench/encoder_anchor.py bench/_probe/; carry
 #             bench/_probe to the device), which measures its own matmul rate
@@ -30,7 +32,7 @@
 # times. Most of that was the model's init program (one unrolled threefry per leaf: 64 s
 # to compile on a 2-core CPU, against 43 s for the train step); s4eca_jax.bench now makes
 # stand-in weights on the host instead (run_setup.stand_in_params), and the step compiled
-# in 58-78 s on an H200 (2026-11-28). Compiled steps go to a persistent cache in
+# in 40-96 s on an H200 (2026-11-28). Compiled steps go to a persistent cache in
 # /tmp/gpu_run_jax_cache; XLA_GPU_AUTOTUNE=0 (XLA's --xla_gpu_autotune_level=0: no
 # GEMM/conv autotuning) is there to try if a compile does not fit.
 set -u
@@ -111,7 +113,7 @@ for step in "${@:-default levers probe}"; do
         head -30 "$OUT/profile.txt"; pack ;;
       levers) bench levers --config.frozen_dtype=bfloat16 --config.image_encoder.remat=dots_no_batch ;;
       frozen_bf16) bench frozen_bf16 --config.frozen_dtype=bfloat16 ;;
-      grouped) bench grouped --config.model.visual_adapter.depthwise=grouped ;;
+      shifted) bench shifted --config.model.visual_adapter.depthwise=shifted ;;
       bf16_residual) bench bf16_residual --config.model.f32_residual=False ;;
       fused_qkv) bench fused_qkv --config.model.fused_qkv=True ;;
       xla_attention) bench xla_attention --config.model.attention=xla ;;
