@@ -5,7 +5,7 @@
         --matmul_size 512                                         # a CPU smoke run
 
 Weights are stand-ins of the right shapes made on the host (run_setup.stand_in_params:
-the model's own init takes minutes to compile on a GPU), so no checkpoint and no dataset
+the model's own init compiles longer than the train step), so no checkpoint and no dataset
 are needed. Compiles each step once, warms up, then times --steps steps each
 with device synchronisation and prints images/s (median, min, max), model FLOPs per
 image, MFU against a bf16 matmul rate measured in the same run on the same devices, and
