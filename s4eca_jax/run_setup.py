@@ -311,8 +311,8 @@ def stand_in_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
   """Weights of the model's shapes made on the host, not by the model's init: norm scales
   1, biases 0, every other leaf normal / sqrt(fan-in). For benchmarks, where values do not
   matter: the init program of the full model draws each leaf with its own unrolled
-  threefry (rrsisd: ~200k instructions after optimisation, 64 s to compile on a 2-core
-  CPU, against 43 s for the train step). -> (params, shardings)."""
+  threefry (rrsisd: 64 s to compile on a 2-core CPU, against 43 s for the train step).
+  -> (params, shardings)."""
   abstract, shardings = abstract_sharded_params(config, model, mesh)
   rng = np.random.default_rng(config.seed)
 
