@@ -60,7 +60,10 @@ def topology_shape(name: str) -> tuple[str, str]:
   while math.prod(dims) < chips:  # grow the axes in turn: 2x2, 2x4, 4x4, ...
     dims[i % len(dims)] *= 2
     i += 1
-  return generation, "x".join(map(str, sorted(dims)))
+  # Ascending, as slices are named (2x2x4, 4x4x8), with a 1 last (2x2x1): the shape must
+  # divide by the hosts' 2x2x1 chips.
+  dims = sorted(d for d in dims if d > 1) + [d for d in dims if d == 1]
+  return generation, "x".join(map(str, dims))
 
 
 def target_devices(topology: str):

@@ -12,6 +12,8 @@ def test_topology_names():
   assert aot.topology_shape("v5e-4") == ("v5e", "2x2")
   assert aot.topology_shape("v5e-256") == ("v5e", "16x16")
   assert aot.topology_shape("v5p-128") == ("v5p", "4x4x4")  # 128 TensorCores = 64 chips
+  assert aot.topology_shape("v5p-8") == ("v5p", "2x2x1")  # 4 chips: one host's 2x2x1
+  assert aot.topology_shape("v5p-32") == ("v5p", "2x2x4")
   assert aot.topology_shape("v5e:2x4") == ("v5e", "2x4")
   with pytest.raises(ValueError, match="GEN-COUNT"):
     aot.topology_shape("tpu-4")
