@@ -2,7 +2,6 @@
 abstract (weightless) build that the AOT tool compiles from, donation; the benchmark, its
 stand-in weights and its profile summary."""
 
-import pathlib
 import re
 import subprocess
 import sys
@@ -15,8 +14,6 @@ import pytest
 from tests import run_fixtures
 from s4eca_jax import run_setup, sharding
 from s4eca_jax.models import s4eca
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _dtypes(tree):
@@ -74,7 +71,7 @@ def test_bench_times_train_and_eval_steps(capsys, tmp_path):
       results["train"]["images_per_s_median"] / torch_eager["train"]["images_per_s_median"])
   # The traced steps, summarised by op and by the model scope their HLO op_name names.
   summary = subprocess.run(
-      [sys.executable, str(REPO / "bench" / "profile_summary.py"), str(tmp_path / "profile")],
+      [sys.executable, str(run_fixtures.REPO / "bench" / "profile_summary.py"), str(tmp_path / "profile")],
       capture_output=True, text=True, check=True).stdout
   assert "HLO names found" in summary, summary
   assert re.search(r"bwd image_encoder/block_\*/adapter", summary), summary

@@ -63,6 +63,9 @@ def pallas_block_sizes(q_len: int, k_len: int) -> tuple[int, int, int, int]:
           _largest_block(k_major, PALLAS_MAX_MINOR_BLOCK))
 
 
+GPU_BACKENDS = ("gpu", "cuda", "rocm")  # jax backend names of a GPU
+
+
 def resolve_attention(name: str, backend: str, dtype) -> str:
   """config.model.attention -> an implementation: "auto" picks the backend's fused kernel.
 
@@ -71,7 +74,7 @@ def resolve_attention(name: str, backend: str, dtype) -> str:
   if name == "auto":
     if backend == "tpu":
       return "pallas"
-    if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype).itemsize == 2:
+    if backend in GPU_BACKENDS and jnp.dtype(dtype).itemsize == 2:
       return "cudnn"
     return "xla"
   if name not in ATTENTION_IMPLEMENTATIONS:
@@ -326,7 +329,7 @@ def resolve_depthwise(name: str, backend: str) -> str:
   shifted sums (the demo's step on 2 cores: no difference beyond the noise).
   """
   if name == "auto":
-    return "grouped" if backend in ("gpu", "cuda", "rocm") else "shifted"
+    return "grouped" if backend in GPU_BACKENDS else "shifted"
   if name not in DEPTHWISE_IMPLEMENTATIONS:
     raise ValueError(f"config.model.visual_adapter.depthwise={name!r}; use 'auto' or one of "
                      f"{DEPTHWISE_IMPLEMENTATIONS}.")
