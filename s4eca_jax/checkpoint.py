@@ -88,21 +88,26 @@ def verify_manifest(step_dir: str | Path) -> None:
                                    "(sha256 mismatch).")
 
 
-class _QuietClosedLoop(logging.Filter):
-  """Drops the 'Event loop is closed' tracebacks that orbax's background clean-up logs
-  after a failed read: they bury the one error that matters."""
+class _QuietOrbaxNoise(logging.Filter):
+  """Drops two kinds of orbax log noise:
+  - the 'Event loop is closed' tracebacks its background clean-up logs after a failed
+    read: they bury the one error that matters;
+  - its warning for a save without metrics when a best metric is tracked: by design here
+    (Checkpointer.save), such a save is kept as one of the latest only."""
+
+  PHRASES = ("Event loop is closed", "Requested `tracked_metric`; did not provide metrics")
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage()
     if record.exc_info and record.exc_info[1] is not None:
       text += str(record.exc_info[1])
-    return "Event loop is closed" not in text
+    return not any(phrase in text for phrase in self.PHRASES)
 
 
-_NOISE = _QuietClosedLoop()
+_NOISE = _QuietOrbaxNoise()
 
 
-def quiet_closed_event_loop_noise() -> None:
+def quiet_orbax_noise() -> None:
   for name in ("absl", "asyncio", "orbax", ""):
     logger = logging.getLogger(name)
     if _NOISE not in logger.filters:
@@ -178,7 +183,7 @@ class Checkpointer:
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
-    quiet_closed_event_loop_noise()
+    quiet_orbax_noise()
     # Orbax syncs the processes with device collectives (restore, save). On CPU the first
     # one sets up a gloo context that waits only 30 s for its peers, and processes can
     # come here further apart than that (process 0 alone writes the compilation cache; a

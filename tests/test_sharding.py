@@ -44,13 +44,15 @@ def test_distributed_init_is_optional():
   assert jax.process_count() == 1
 
 
-def test_checkpoint_data_state_roundtrip(tmp_path):
+def test_checkpoint_data_state_roundtrip(tmp_path, caplog):
   ckpt = checkpoint.Checkpointer(tmp_path, keep=1, best_metric="val/oIoU")
   state = {"w": jax.numpy.arange(4.0)}
   ckpt.save(1, state, b'{"pos": 3}', {"val/oIoU": 0.5})
   ckpt.save(2, state, b'{"pos": 6}', {"val/oIoU": 0.2})
-  ckpt.save(3, state, {"pos": 9})
-  ckpt.wait()
+  with caplog.at_level("WARNING"):
+    ckpt.save(3, state, {"pos": 9})  # no evaluation: kept as the latest, without a warning
+    ckpt.wait()
+  assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
   assert ckpt.all_steps() == [1, 3]  # latest 1, plus the best by val/oIoU
   assert ckpt.best_step() == 1
   restored, data = ckpt.restore(1, jax.tree.map(
