@@ -149,6 +149,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.get("total_steps") is None and not config.get("num_epochs", 0) > 0:
     raise ConfigError(f"config.num_epochs={config.get('num_epochs')!r} with total_steps "
                       "unset: set one of them above 0.")
+  _check_folders(config)
+
+
+def _check_folders(config: ml_collections.ConfigDict) -> None:
+  """The tokenizer and encoder folders a run reads, checked before the run writes its
+  config.json (whose non-schedule fields a rerun may not change)."""
+  if not (config.get("tokenizer") or config.text_encoder.checkpoint):
+    raise ConfigError("No tokenizer: set config.tokenizer (a folder with tokenizer.json or "
+                      "vocab files) or config.text_encoder.checkpoint.")
+  for field in ("tokenizer", "image_encoder.checkpoint", "text_encoder.checkpoint"):
+    section, _, name = field.rpartition(".")
+    folder = (config[section] if section else config).get(name)
+    if folder and "://" not in str(folder) and not Path(folder).is_dir():
+      raise ConfigError(f"config.{field}={folder!r}: no such folder.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -211,8 +225,7 @@ def _record_history(workdir: epath.Path, event: str, changed: dict) -> None:
 def tokenizer_folder(config: ml_collections.ConfigDict) -> str:
   folder = config.get("tokenizer") or config.text_encoder.checkpoint
   if not folder:
-    raise ValueError("No tokenizer: set config.tokenizer (a folder with tokenizer.json or "
-                     "vocab files) or config.text_encoder.checkpoint.")
+    _check_folders(config)  # raises the ConfigError that names the fields
   return folder
 
 

@@ -53,6 +53,8 @@ def test_config_loads_by_path_from_another_directory(tmp_path):
     (["--config.batch_size=abc"], "batch_size"),
     (["--config.no_such_field=1"], "no_such_field"),
     (["--config.total_steps=0"], "config.total_steps=0"),  # refused before the workdir
+    (["--config.tokenizer=/no/such/folder"], "config.tokenizer='/no/such/folder'"),
+    (["--config.seed=1"], "No tokenizer"),  # the tiny config names none: refused before too
     ([], "workdir"),  # a required flag missing
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path):
