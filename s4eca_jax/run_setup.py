@@ -155,9 +155,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _check_folders(config: ml_collections.ConfigDict) -> None:
   """The tokenizer and encoder folders a run reads, checked before the run writes its
   config.json (whose non-schedule fields a rerun may not change)."""
-  if not (config.get("tokenizer") or config.text_encoder.checkpoint):
-    raise ConfigError("No tokenizer: set config.tokenizer (a folder with tokenizer.json or "
-                      "vocab files) or config.text_encoder.checkpoint.")
+  tokenizer_folder(config)  # raises without one
   for field in ("tokenizer", "image_encoder.checkpoint", "text_encoder.checkpoint"):
     section, _, name = field.rpartition(".")
     folder = (config[section] if section else config).get(name)
@@ -225,7 +223,8 @@ def _record_history(workdir: epath.Path, event: str, changed: dict) -> None:
 def tokenizer_folder(config: ml_collections.ConfigDict) -> str:
   folder = config.get("tokenizer") or config.text_encoder.checkpoint
   if not folder:
-    _check_folders(config)  # raises the ConfigError that names the fields
+    raise ConfigError("No tokenizer: set config.tokenizer (a folder with tokenizer.json or "
+                      "vocab files) or config.text_encoder.checkpoint.")
   return folder
 
 
