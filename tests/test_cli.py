@@ -68,6 +68,16 @@ def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_unprepared_data_is_one_line_and_exit_2(tmp_path):
+  config_file = run_fixtures.CONFIGS / "rrsisd.py"
+  result = _run("-m", "s4eca_jax.train", f"--config={config_file}:variant=tiny",
+                f"--workdir={tmp_path / 'w'}", f"--config.tokenizer={run_fixtures.MINILM}",
+                f"--config.data_dir={tmp_path / 'nodata'}", cwd=tmp_path)
+  assert result.returncode == cli.EXIT_USAGE, result.stderr
+  assert "is not prepared" in result.stderr and "s4eca_jax.prepare rrsis_d" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_parse_arg_is_strict():
   parsed = presets.parse_arg("language_guidance=False,steps=3", language_guidance=True,
                              steps=1)

@@ -52,6 +52,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 import tfds_builders  # pylint: disable=unused-import  # registers the builders with tfds
+from s4eca_jax import cli
 
 Tokenizer = Callable[[list[str]], dict[str, np.ndarray]]  # e.g. text_tokenizer.TextTokenizer
 Example = dict[str, Any]
@@ -64,6 +65,11 @@ _MIRRORED_WORDS.update({v: k for k, v in _MIRRORED_WORDS.items()})
 _MIRRORED_PATTERN = re.compile(r"\b(" + "|".join(_MIRRORED_WORDS) + r")\b", re.IGNORECASE)
 
 
+class SplitNotPrepared(cli.UsageError, FileNotFoundError):
+  """A split that `python -m s4eca_jax.prepare` has not built in the data_dir: a usage
+  error (exit 2), named with the command that builds it."""
+
+
 def open_split(name: str, split: str, data_dir: str | Path) -> Sequence[Example]:
   """Random-access data source of a prepared split; `name` as in tfds, e.g. "rrsis_d" or
   "synthetic_rrsis/train64_val16_test16_128px_seed0". Image and mask stay encoded bytes
@@ -71,7 +77,7 @@ def open_split(name: str, split: str, data_dir: str | Path) -> Sequence[Example]
   builder = tfds.builder(name, data_dir=data_dir)
   if split not in builder.info.splits:
     dataset = name.split("/")[0]
-    raise FileNotFoundError(
+    raise SplitNotPrepared(
         f"Split {split!r} of {name} is not prepared in {data_dir} (found: "
         f"{sorted(builder.info.splits) or 'nothing'}). Build it with: python -m "
         f"s4eca_jax.prepare {dataset} --data_dir {data_dir} ... (see --help).")
