@@ -4,8 +4,8 @@
 #   bash bench/gpu_run.sh [STEP...]                 # on the GPU machine, from the repository root
 #   GPU_RUN_TINY=1 PYTHON=$PWD/.venv/bin/python bash bench/gpu_run.sh   # CPU smoke run, tiny sizes
 #
-# STEPs (default: default levers probe), each an s4eca_jax.bench run of the rrsisd config,
-# bf16, batch 32, --train_only, stand-in weights, synthetic batches:
+# STEPs (default: default skeleton probe levers), each an s4eca_jax.bench run of the
+# rrsisd config, bf16, batch 32, --train_only, stand-in weights, synthetic batches:
 #   default   the defaults (on GPU: cuDNN flash attention, the adapters' depthwise convs as
 #             XLA's grouped convolution, frozen f32, no remat)
 #   profile   the defaults with --profile: 3 steps traced; bench/profile_summary.py's table
@@ -13,6 +13,8 @@
 #   frozen_bf16, shifted (depthwise as shifted sums, the GPU default before 2026-11-28),
 #             bf16_residual (model.f32_residual=False), fused_qkv, xla_attention: one lever
 #             each
+#   skeleton  bench --skeleton: our image encoder alone as the step's cost skeleton (no
+#             adapters, frozen, forward + input gradient), the work the probe times
 #   probe     the shared encoder-skeleton probe (bench/_probe/encoder_anchor.py, a
 #             git-ignored copy: cp /work/shared/bench/encoder_anchor.py bench/_probe/; carry
 #             bench/_probe to the device), which measures its own matmul rate
@@ -86,7 +88,7 @@ bench() {  # bench NAME ARGS...: one s4eca_jax.bench run, log and JSON in $LOGS
     --batch_size "$BATCH" --steps "$STEPS" --matmul_size "$MATMUL" --train_only \
     --json "$LOGS/bench_$name.json" "$@" > "$LOGS/bench_$name.log" 2>&1
   echo "exit $?" >> "$LOGS/bench_$name.log"
-  grep -E "^bench: [ptl]|train step|eval forward|MFU|peak memory|exit" "$LOGS/bench_$name.log" \
+  grep -E "^bench: [ptl]|train step|eval forward|^skeleton|MFU|peak memory|exit" "$LOGS/bench_$name.log" \
     | tee -a "$OUT/summary.txt"
   pack
 }
@@ -102,10 +104,11 @@ probe() {
   pack
 }
 
-for step in "${@:-default levers probe}"; do
+for step in "${@:-default skeleton probe levers}"; do
   for step in $step; do
     case $step in
       default) bench default ;;
+      skeleton) bench skeleton --skeleton ;;
       profile)
         rm -rf "$LOGS/profile"
         bench profile --profile "$LOGS/profile"

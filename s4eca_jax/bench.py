@@ -13,6 +13,10 @@ peak device memory. Model FLOPs are XLA's count of the same step lowered with XL
 attention, so fused kernels (cuDNN, Pallas) are counted by the work they replace.
 --json PATH also writes the numbers there.
 
+--skeleton times only our image encoder as the train step's cost skeleton (bench.
+skeleton_step: no adapters, frozen weights, forward + input gradient through every block),
+the work the shared encoder probe times, with its FLOPs (XLA's count) and MFU.
+
 --torch also times the PyTorch reference (s4eca_jax.torch_reference: the HF encoders and
 our adapters and decoder in torch, random weights, AdamW on the same trainable parts) on
 the same config and batch, eager and torch.compile'd (--notorch_compile: eager only), in
@@ -34,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from s4eca_jax import cli, metrics, partition, roofline, run_setup, sharding
+from s4eca_jax.models import layers, s4eca
 
 
 def host_batch(config, batch_size: int) -> dict:
@@ -73,12 +78,11 @@ def matmul_rate(size: int, steps: int) -> float:
   return 2 * size**3 / statistics.median(seconds)
 
 
-def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
-  """FLOPs of one train step (all devices) from XLA's cost analysis of the step lowered
-  with XLA attention, so fused kernels (cuDNN, Pallas) count as the work they replace.
-  Lowered for one CPU device where there is one: a GPU's lowered module gives no cost
-  analysis (jax 0.11.2 counted 0 FLOPs on an H200), and the count does not depend on the
-  backend."""
+def _for_flop_count(config: ml_collections.ConfigDict, mesh):
+  """(config with XLA attention, a mesh of one CPU device where there is one) for XLA's
+  FLOP count: fused kernels (cuDNN, Pallas) then count as the work they replace, and a
+  GPU's lowered module gives no cost analysis (jax 0.11.2 counted 0 FLOPs on an H200);
+  the count does not depend on the backend."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.attention = "xla"
   try:
@@ -87,6 +91,12 @@ def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
     cpu = None
   if cpu:
     mesh = sharding.make_mesh([(axis, 1) for axis in mesh.axis_names], devices=cpu)
+  return config, mesh
+
+
+def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
+  """FLOPs of one train step (all devices) from XLA's cost analysis (_for_flop_count)."""
+  config, mesh = _for_flop_count(config, mesh)
   data = sharding.batch_sharding(mesh)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), batch)
   setup = run_setup.build(config, mesh, total_steps=1000, abstract=True,
@@ -94,6 +104,76 @@ def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
   lowered = run_setup.make_train_step(setup, config).lower(setup.state, setup.frozen, batch)
   cost = lowered.cost_analysis() or {}
   return float(cost.get("flops", 0.0))
+
+
+def skeleton_step(config: ml_collections.ConfigDict, mesh, backend: str | None = None):
+  """Our image encoder as the cost skeleton of a train step, the work the shared encoder
+  probe (ANCHOR.md) times: the config's encoder without adapters, its weights frozen (no
+  weight gradients, stored in config.frozen_dtype, computed in the compute dtype), the
+  forward pass and the input gradient back through every block.
+  -> (jit(images, params) -> d loss / d images, abstract params, their shardings)."""
+  encoder = s4eca.build_model(config, backend).image_encoder.clone(adapter=None,
+                                                                   adapter_blocks=())
+  side = config.image_size
+  abstract = layers.abstract_params(encoder, jnp.zeros((1, side, side, 3), jnp.float32))
+  frozen_dtype = jnp.dtype(config.get("frozen_dtype", "float32"))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), abstract)
+  shardings = sharding.param_shardings(abstract, mesh, config.get("fsdp_min_size", 2**18))
+
+  def loss(images, params):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # Pallas maps over it
+      tokens = encoder.apply({"params": params}, images)["tokens"]
+    return jnp.sum(jnp.square(tokens.astype(jnp.float32)))
+
+  data = sharding.batch_sharding(mesh)
+  step = jax.jit(jax.grad(loss), in_shardings=(data, shardings), out_shardings=data)
+  return step, abstract, shardings
+
+
+def run_skeleton(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: int,
+                 matmul_size: int) -> dict:
+  """Times skeleton_step; prints images/s, XLA's FLOPs per image and MFU against a bf16
+  matmul measured in the same run (the shared probe's measures, for our encoder)."""
+  config.batch_size = batch_size
+  mesh = sharding.make_mesh(config.mesh)
+  devices = mesh.devices.size
+  data = sharding.batch_sharding(mesh)
+  step, abstract, shardings = skeleton_step(config, mesh)
+  params = jax.device_put(run_setup.stand_in_values(abstract, config.seed), shardings)
+  images = sharding.global_batch({"image": host_batch(config, batch_size)["image"]},
+                                 data)["image"]
+  print(f"bench --skeleton: our image encoder without adapters, frozen, forward + input "
+        f"gradient; batch {batch_size}, image {config.image_size}, {devices} x "
+        f"{jax.devices()[0].device_kind}, attention {config.model.attention}", flush=True)
+  start = time.perf_counter()
+  compiled = step.lower(images, params).compile()
+  results = {"batch_size": batch_size, "devices": devices, "compile_s":
+             time.perf_counter() - start, "device_kind": jax.devices()[0].device_kind}
+  seconds, _ = timed(compiled, lambda _: (images, params), steps, warmup)
+  results["skeleton"] = summary(seconds, batch_size)
+
+  count_config, count_mesh = _for_flop_count(config, mesh)
+  count_step, _, count_shardings = skeleton_step(count_config, count_mesh, "cpu")
+  count_data = sharding.batch_sharding(count_mesh)
+  cost = count_step.lower(
+      jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=count_data),
+      jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                   abstract, count_shardings)).cost_analysis() or {}
+  flops = float(cost.get("flops", 0.0))
+  results["gflop_per_image"] = flops / batch_size / 1e9
+  results["matmul_tflops"] = matmul_rate(matmul_size, max(steps, 3)) / 1e12
+  rate = results["skeleton"]["images_per_s_median"]
+  results["mfu"] = (rate * flops / batch_size / (results["matmul_tflops"] * 1e12 * devices)
+                    if flops else None)
+  s = results["skeleton"]
+  print(f"skeleton: {rate:.1f} images/s median (min {s['images_per_s_min']:.1f}, max "
+        f"{s['images_per_s_max']:.1f}; {s['step_ms_median']:.1f} ms/step over {steps} "
+        f"steps; compile {results['compile_s']:.0f} s)")
+  mfu = f"{results['mfu']:.1%}" if flops else "unknown (XLA counted no FLOPs)"
+  print(f"skeleton: {results['gflop_per_image']:.1f} GFLOP/image (XLA's count); bf16 "
+        f"{matmul_size}^3 matmul {results['matmul_tflops']:.1f} TFLOP/s per device in this "
+        f"run -> MFU {mfu}")
+  return results
 
 
 def summary(seconds: list[float], batch_size: int) -> dict:
@@ -254,15 +334,22 @@ def define_flags() -> None:
   flags.DEFINE_string("profile", None, "after the timed steps, trace 3 train steps to this "
                       "folder with jax.profiler (bench/profile_summary.py reads it)")
   flags.DEFINE_bool("torch_compile", True, "with --torch: also the torch.compile'd model")
+  flags.DEFINE_bool("skeleton", False, "time only our image encoder as the train step's cost "
+                    "skeleton (no adapters, frozen, forward + input gradient), the work the "
+                    "shared encoder probe times, instead of the train and eval steps")
 
 
 def main(argv) -> None:
   del argv
   config = run_setup.expand_paths(FLAGS.config)
-  results = run(config, FLAGS.batch_size or config.batch_size, FLAGS.steps, FLAGS.warmup,
-                FLAGS.matmul_size, not FLAGS.train_only,
-                (("eager", "compiled") if FLAGS.torch_compile else ("eager",)) if FLAGS.torch
-                else (), FLAGS.profile)
+  if FLAGS.skeleton:
+    results = run_skeleton(config, FLAGS.batch_size or config.batch_size, FLAGS.steps,
+                           FLAGS.warmup, FLAGS.matmul_size)
+  else:
+    results = run(config, FLAGS.batch_size or config.batch_size, FLAGS.steps, FLAGS.warmup,
+                  FLAGS.matmul_size, not FLAGS.train_only,
+                  (("eager", "compiled") if FLAGS.torch_compile else ("eager",)) if FLAGS.torch
+                  else (), FLAGS.profile)
   if FLAGS.json:
     with open(FLAGS.json, "w") as out:
       json.dump(results, out, indent=1)

@@ -326,7 +326,15 @@ def stand_in_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
   threefry (rrsisd: 64 s to compile on a 2-core CPU, against 43 s for the train step).
   -> (params, shardings)."""
   abstract, shardings = abstract_sharded_params(config, model, mesh)
-  rng = np.random.default_rng(config.seed)
+  params = stand_in_values(abstract, config.seed)
+  sharding.sync_processes("params")  # device_put below: see create_params
+  return jax.device_put(params, shardings), shardings
+
+
+def stand_in_values(abstract: Any, seed: int) -> Any:
+  """Host arrays for a tree of shapes: norm scales 1, biases 0, every other leaf
+  normal / sqrt(fan-in)."""
+  rng = np.random.default_rng(seed)
 
   def leaf(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
@@ -335,9 +343,7 @@ def stand_in_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,
     fan_in = int(np.prod(x.shape[:-1])) or 1
     return (rng.standard_normal(x.shape, np.float32) / np.sqrt(fan_in)).astype(x.dtype)
 
-  params = jax.tree_util.tree_map_with_path(leaf, abstract)
-  sharding.sync_processes("params")  # device_put below: see create_params
-  return jax.device_put(params, shardings), shardings
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 def abstract_sharded_params(config: ml_collections.ConfigDict, model: s4eca.S4ECA,

@@ -99,3 +99,33 @@ def test_stand_in_params_have_the_model_shapes_and_shardings():
     else:  # drawn: normal / sqrt(fan-in)
       assert values.std() > 0, path
   assert shardings == expected
+
+
+def test_bench_skeleton_is_our_frozen_encoder_forward_and_input_gradient(capsys):
+  from s4eca_jax import bench  # pylint: disable=g-import-not-at-top
+
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  config.mesh = (("data", 2), ("fsdp", 1))
+  mesh = sharding.make_mesh(config.mesh)
+  step, abstract, shardings = bench.skeleton_step(config, mesh)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)]
+  assert any("block_1" in p for p in paths) and not any("adapter" in p for p in paths)
+  params = jax.device_put(run_setup.stand_in_values(abstract, 0), shardings)
+  side = config.image_size
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, side, side, 3))
+  grad = step(images, params)  # d loss / d images: back through every block
+  assert grad.shape == images.shape and bool(jnp.isfinite(grad).all())
+  assert float(jnp.abs(grad).max()) > 0
+
+  # XLA's FLOPs: the input gradient through the blocks costs about as much again as the
+  # forward pass (no weight gradients), so the skeleton is about twice the forward alone.
+  encoder = s4eca.build_model(config).image_encoder.clone(adapter=None, adapter_blocks=())
+  forward = jax.jit(lambda i, p: encoder.apply({"params": p}, i)["tokens"])
+  forward_flops = forward.lower(images, params).cost_analysis()["flops"]
+  skeleton_flops = step.lower(images, params).cost_analysis()["flops"]
+  assert 1.7 < skeleton_flops / forward_flops < 2.6, (skeleton_flops, forward_flops)
+
+  results = bench.run_skeleton(config, batch_size=4, steps=2, warmup=1, matmul_size=64)
+  out = capsys.readouterr().out
+  assert "skeleton: " in out and "MFU" in out
+  assert results["skeleton"]["images_per_s_median"] > 0 and results["gflop_per_image"] > 0
