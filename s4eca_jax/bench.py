@@ -106,14 +106,19 @@ def model_flops(config: ml_collections.ConfigDict, mesh, batch) -> float:
   return float(cost.get("flops", 0.0))
 
 
+def skeleton_encoder(config: ml_collections.ConfigDict, backend: str | None = None):
+  """The config's image encoder without its adapters."""
+  return s4eca.build_model(config, backend).image_encoder.clone(adapter=None,
+                                                                adapter_blocks=())
+
+
 def skeleton_step(config: ml_collections.ConfigDict, mesh, backend: str | None = None):
   """Our image encoder as the cost skeleton of a train step, the work the shared encoder
   probe (ANCHOR.md) times: the config's encoder without adapters, its weights frozen (no
   weight gradients, stored in config.frozen_dtype, computed in the compute dtype), the
   forward pass and the input gradient back through every block.
   -> (jit(images, params) -> d loss / d images, abstract params, their shardings)."""
-  encoder = s4eca.build_model(config, backend).image_encoder.clone(adapter=None,
-                                                                   adapter_blocks=())
+  encoder = skeleton_encoder(config, backend)
   side = config.image_size
   abstract = layers.abstract_params(encoder, jnp.zeros((1, side, side, 3), jnp.float32))
   frozen_dtype = jnp.dtype(config.get("frozen_dtype", "float32"))
@@ -157,22 +162,11 @@ def run_skeleton(config: ml_collections.ConfigDict, batch_size: int, steps: int,
   count_data = sharding.batch_sharding(count_mesh)
   cost = count_step.lower(
       jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=count_data),
-      jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                   abstract, count_shardings)).cost_analysis() or {}
-  flops = float(cost.get("flops", 0.0))
-  results["gflop_per_image"] = flops / batch_size / 1e9
-  results["matmul_tflops"] = matmul_rate(matmul_size, max(steps, 3)) / 1e12
-  rate = results["skeleton"]["images_per_s_median"]
-  results["mfu"] = (rate * flops / batch_size / (results["matmul_tflops"] * 1e12 * devices)
-                    if flops else None)
-  s = results["skeleton"]
-  print(f"skeleton: {rate:.1f} images/s median (min {s['images_per_s_min']:.1f}, max "
-        f"{s['images_per_s_max']:.1f}; {s['step_ms_median']:.1f} ms/step over {steps} "
-        f"steps; compile {results['compile_s']:.0f} s)")
-  mfu = f"{results['mfu']:.1%}" if flops else "unknown (XLA counted no FLOPs)"
-  print(f"skeleton: {results['gflop_per_image']:.1f} GFLOP/image (XLA's count); bf16 "
-        f"{matmul_size}^3 matmul {results['matmul_tflops']:.1f} TFLOP/s per device in this "
-        f"run -> MFU {mfu}")
+      run_setup.with_shardings(abstract, count_shardings)).cost_analysis() or {}
+  mfu = add_mfu(results, float(cost.get("flops", 0.0)), results["skeleton"], batch_size,
+                devices, matmul_size, steps)
+  print(f"skeleton: {timed_text(results['skeleton'], steps, results['compile_s'])}")
+  print(f"skeleton: {results['gflop_per_image']:.1f} GFLOP/image (XLA's count); {mfu}")
   return results
 
 
@@ -180,6 +174,30 @@ def summary(seconds: list[float], batch_size: int) -> dict:
   rates = [batch_size / s for s in seconds]
   return {"images_per_s_median": statistics.median(rates), "images_per_s_min": min(rates),
           "images_per_s_max": max(rates), "step_ms_median": 1e3 * statistics.median(seconds)}
+
+
+def rates_text(timing: dict) -> str:
+  """"X images/s median (min A, max B" of a summary(), the caller closes the bracket."""
+  return (f"{timing['images_per_s_median']:.1f} images/s median (min "
+          f"{timing['images_per_s_min']:.1f}, max {timing['images_per_s_max']:.1f}")
+
+
+def timed_text(timing: dict, steps: int, compile_s: float) -> str:
+  return (f"{rates_text(timing)}; {timing['step_ms_median']:.1f} ms/step over {steps} steps; "
+          f"compile {compile_s:.0f} s)")
+
+
+def add_mfu(results: dict, flops: float, timing: dict, batch_size: int, devices: int,
+            matmul_size: int, steps: int) -> str:
+  """Sets results' gflop_per_image, matmul_tflops (a bf16 matmul timed now) and mfu (None
+  without a FLOP count) for the rate in `timing`; -> "bf16 N^3 matmul ... -> MFU m"."""
+  results["gflop_per_image"] = flops / batch_size / 1e9
+  results["matmul_tflops"] = matmul_rate(matmul_size, max(steps, 3)) / 1e12
+  achieved = timing["images_per_s_median"] * flops / batch_size
+  results["mfu"] = achieved / (results["matmul_tflops"] * 1e12 * devices) if flops else None
+  mfu = f"{results['mfu']:.1%}" if flops else "unknown (XLA counted no FLOPs)"
+  return (f"bf16 {matmul_size}^3 matmul {results['matmul_tflops']:.1f} TFLOP/s per device "
+          f"in this run -> MFU {mfu}")
 
 
 def peak_memory(compiled) -> tuple[float | None, str]:
@@ -252,25 +270,12 @@ def run(config: ml_collections.ConfigDict, batch_size: int, steps: int, warmup: 
                        warmup)
     results["eval"] = summary(seconds, batch_size)
 
-  flops = model_flops(config, mesh, batch)
-  results["gflop_per_image"] = flops / batch_size / 1e9
-  results["matmul_tflops"] = matmul_rate(matmul_size, max(steps, 3)) / 1e12
-  achieved = results["train"]["images_per_s_median"] * flops / batch_size
-  results["mfu"] = achieved / (results["matmul_tflops"] * 1e12 * devices) if flops else None
-
-  train_s = results["train"]
-  print(f"train step: {train_s['images_per_s_median']:.1f} images/s median (min "
-        f"{train_s['images_per_s_min']:.1f}, max {train_s['images_per_s_max']:.1f}; "
-        f"{train_s['step_ms_median']:.1f} ms/step over {steps} steps; compile "
-        f"{results['compile_s']:.0f} s)")
+  mfu = add_mfu(results, model_flops(config, mesh, batch), results["train"], batch_size,
+                devices, matmul_size, steps)
+  print(f"train step: {timed_text(results['train'], steps, results['compile_s'])}")
   if with_eval:
-    e = results["eval"]
-    print(f"eval forward: {e['images_per_s_median']:.1f} images/s median (min "
-          f"{e['images_per_s_min']:.1f}, max {e['images_per_s_max']:.1f})")
-  mfu = f"{results['mfu']:.1%}" if flops else "unknown (XLA counted no FLOPs)"
-  print(f"model: {results['gflop_per_image']:.1f} GFLOP/image per train step; bf16 "
-        f"{matmul_size}^3 matmul {results['matmul_tflops']:.1f} TFLOP/s per device in this "
-        f"run -> MFU {mfu}")
+    print(f"eval forward: {rates_text(results['eval'])})")
+  print(f"model: {results['gflop_per_image']:.1f} GFLOP/image per train step; {mfu}")
   peak = results["peak_bytes"]
   print(f"peak memory: {peak / 2**30:.2f} GiB ({results['peak_source']})" if peak else
         "peak memory: unknown")
@@ -305,9 +310,7 @@ def run_torch(config, host: dict, steps: int, warmup: int, with_eval: bool,
       ratio = jax_results[kind]["images_per_s_median"] / timing[kind]["images_per_s_median"]
       timing[kind]["jax_over_torch"] = ratio
       rate = timing[kind]
-      print(f"torch {mode} {kind} ({out['device']}, {precision}): "
-            f"{rate['images_per_s_median']:.1f} images/s median (min "
-            f"{rate['images_per_s_min']:.1f}, max {rate['images_per_s_max']:.1f}); "
+      print(f"torch {mode} {kind} ({out['device']}, {precision}): {rates_text(rate)}); "
             f"JAX / torch {ratio:.2f}x")
     peak = timing.get("peak_bytes")
     print(f"torch {mode}: first train call {timing['first_call_s']:.1f} s"

@@ -351,10 +351,11 @@ def abstract_sharded_params(config: ml_collections.ConfigDict, model: s4eca.S4EC
   """Shapes of the params (ShapeDtypeStructs with their shardings): no weights made."""
   abstract = s4eca.abstract_params(config, model)
   shardings = sharding.param_shardings(abstract, mesh, config.get("fsdp_min_size", 2**18))
-  return _with_shardings(abstract, shardings), shardings
+  return with_shardings(abstract, shardings), shardings
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """A tree of shapes as jax.ShapeDtypeStructs placed by `shardings` (lowering inputs)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
 
@@ -380,7 +381,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   # Frozen weights are only read: storing them in the compute dtype halves their traffic.
   frozen_dtype = jnp.dtype(config.get("frozen_dtype", "float32"))
   cast = lambda tree: jax.tree.map(lambda x: x.astype(frozen_dtype), tree)
-  frozen = (_with_shardings(jax.eval_shape(cast, frozen), frozen_shardings) if abstract
+  frozen = (with_shardings(jax.eval_shape(cast, frozen), frozen_shardings) if abstract
             else jax.jit(cast, out_shardings=frozen_shardings)(frozen))
   tx = schedule = None
   state = {"params": trainable, "step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -397,7 +398,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         tx.init, out_shardings=opt_shardings)(trainable)
     state_shardings["opt_state"] = opt_shardings
   if abstract:
-    state = _with_shardings(state, state_shardings)
+    state = with_shardings(state, state_shardings)
   else:
     # Made by a program on the devices, not device_put from the host: with several
     # processes, device_put of a host value checks that every process holds the same

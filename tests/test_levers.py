@@ -71,7 +71,8 @@ def test_bench_times_train_and_eval_steps(capsys, tmp_path):
       results["train"]["images_per_s_median"] / torch_eager["train"]["images_per_s_median"])
   # The traced steps, summarised by op and by the model scope their HLO op_name names.
   summary = subprocess.run(
-      [sys.executable, str(run_fixtures.REPO / "bench" / "profile_summary.py"), str(tmp_path / "profile")],
+      [sys.executable, str(run_fixtures.REPO / "bench" / "profile_summary.py"),
+       str(tmp_path / "profile")],
       capture_output=True, text=True, check=True).stdout
   assert "HLO names found" in summary, summary
   assert re.search(r"bwd image_encoder/block_\*/adapter", summary), summary
@@ -119,7 +120,7 @@ def test_bench_skeleton_is_our_frozen_encoder_forward_and_input_gradient(capsys)
 
   # XLA's FLOPs: the input gradient through the blocks costs about as much again as the
   # forward pass (no weight gradients), so the skeleton is about twice the forward alone.
-  encoder = s4eca.build_model(config).image_encoder.clone(adapter=None, adapter_blocks=())
+  encoder = bench.skeleton_encoder(config)
   forward = jax.jit(lambda i, p: encoder.apply({"params": p}, i)["tokens"])
   forward_flops = forward.lower(images, params).cost_analysis()["flops"]
   skeleton_flops = step.lower(images, params).cost_analysis()["flops"]
