@@ -1,11 +1,17 @@
-"""The AOT tool: topology names, and the tiny config compiled for a 2x2 v5e slice."""
+"""The AOT tool: topology names, the tiny config compiled for a 2x2 v5e slice, the HBM
+traffic estimate, and Pallas attention's layout on TPU."""
 
 import importlib.util
+import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests import run_fixtures
 from s4eca_jax import aot, roofline
+from s4eca_jax.models import layers
 
 
 def test_topology_names():
@@ -82,3 +88,30 @@ def test_hbm_traffic_counts_only_arrays_outside_vmem():
   every = roofline.traffic_by_source(HLO)
   assert every["memory-space copies (copy-start, slice-start)"] == 6 * kib
   assert every["forward decoder/add"] == 6 * kib
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install 's4eca-jax[tpu]'): no XLA "
+                    "TPU compiler on this host")
+def test_pallas_attention_has_no_layout_copies_on_tpu():
+  """Compiled for v5e, Pallas attention's forward and backward move no (B, T, heads,
+  head_dim) array between layouts: the projections write the kernel's heads-first layout
+  (through dot_product_attention's (B, T, heads, head_dim) route: 8 such copies)."""
+  devices = aot.target_devices("v5e:2x2")
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ("data",))
+  placed = lambda tree, spec: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)), tree)
+  module = layers.MultiHeadAttention(4, attention="pallas", dtype=jnp.bfloat16)
+  tokens = jnp.zeros((8, 200, 256), jnp.float32)  # 200 tokens: padded to 256 for the kernel
+  params = placed(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens)),
+                  jax.sharding.PartitionSpec())
+
+  def input_grad(params, x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jax.grad(lambda y: jnp.sum(module.apply(params, y).astype(jnp.float32)**2))(x)
+
+  hlo = jax.jit(input_grad).lower(
+      params, placed(tokens, jax.sharding.PartitionSpec("data"))).compile().as_text()
+  assert "flash_mha_bwd" in hlo
+  moves = re.findall(r"= (?:bf16|f32)\[\d+,\d+,\d+,\d+\]\S* (copy|transpose)\(", hlo)
+  assert not moves, moves
