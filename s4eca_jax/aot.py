@@ -13,10 +13,12 @@ the config's mesh; "auto" dtype and attention resolve for the target (bf16, Pall
 attention on TPU). The eval step is the forward pass to thresholded masks (the metric
 sums on top are negligible).
 
-XLA's cost analysis counts the Pallas flash kernel's forward once by the kernel's own
-estimate (its inputs and outputs, no re-reads) and its two backward kernels as nothing:
-the tool adds the rest analytically from the kernels' shapes in the compiled HLO and says
-so. Bytes are reported twice: XLA's "bytes accessed" (operands in any memory space, TPU
+The project's Pallas flash kernels (models/flash.py, sequences up to 2,048 keys) hand XLA
+a cost estimate (FLOPs, transcendentals, bytes), so XLA's counts include them; the tool
+says how many there are. Of jax's Pallas flash kernel (longer sequences) XLA counts the
+forward once by the kernel's own estimate (its inputs and outputs, no re-reads) and the
+two backward kernels as nothing: the tool adds the rest analytically from the kernels'
+shapes in the compiled HLO and says so. Bytes are reported twice: XLA's "bytes accessed" (operands in any memory space, TPU
 VMEM included) and an HBM estimate from the optimised HLO's layouts
 (roofline.traffic_by_source(hbm_only=True)), each with its roofline. The largest
 per-chip batch: `--fit=estimate` scales the temporaries linearly from this compile (one
@@ -163,6 +165,10 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
   lines.append(f"  per chip: {flops / 1e12:.3f} TFLOP, {traffic / 1e9:.2f} GB accessed; per "
                f"image: {flops / per_chip_images / 1e9:.1f} GFLOP, "
                f"{traffic / per_chip_images / 1e9:.2f} GB")
+  own = roofline.own_kernels_of(hlo)
+  if own:
+    lines.append(f"  in these counts: the project's {own['forward']} forward and {own['backward']} "
+                 f"backward Pallas flash kernels (flash.py), by the cost estimates they give XLA")
   if kernels:
     lines.append(f"  of which added analytically for {added['kernels']} Pallas flash-attention "
                  f"kernels (XLA's cost analysis does not see inside them): "
@@ -173,7 +179,7 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                f"of top-level ops outside on-chip memory, async copies by their HBM side; a "
                f"sliced operand counts whole): {hbm_traffic / 1e9:.2f} GB; XLA's "
                f"\"accessed\" above also counts on-chip (VMEM) accesses")
-  numbers = {"memory": memory, "flops": flops, "bytes": traffic, "added": added,
+  numbers = {"memory": memory, "flops": flops, "bytes": traffic, "added": added, "own": own,
              "hbm_bytes": hbm_traffic}
   if chip:
     compute_s = flops / chip.bf16_flops

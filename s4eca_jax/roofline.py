@@ -1,5 +1,5 @@
-"""What a compiled step costs: public chip peaks, memory, FLOPs and bytes (with the Pallas
-flash kernels that XLA's cost analysis does not see), collectives. Used by the AOT tool
+"""What a compiled step costs: public chip peaks, memory, FLOPs and bytes (with jax's Pallas
+flash kernels, which XLA's cost analysis does not see), collectives. Used by the AOT tool
 (s4eca_jax.aot) and the benchmark (s4eca_jax.bench).
 """
 
@@ -109,6 +109,17 @@ def collectives_of(hlo: str) -> dict[str, list[float]]:
     entry[0] += 1
     entry[1] += sum(b for b, _ in sizes)
   return found
+
+
+def own_kernels_of(hlo: str) -> dict[str, int]:
+  """{"forward": n, "backward": n}: the project's flash kernels (models/flash.py) in
+  optimised HLO; they carry cost estimates, so XLA's cost analysis counts them."""
+  found = {"forward": 0, "backward": 0}
+  for line in hlo.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%s4eca_flash_(forward|backward)[.\d]* = ", line)
+    if match and "tpu_custom_call" in line:
+      found[match.group(1)] += 1
+  return found if any(found.values()) else {}
 
 
 _FLASH_KERNELS = (("flash_mha_bwd_dkv", "dkv"), ("flash_mha_bwd_dq", "dq"),

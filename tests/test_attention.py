@@ -10,7 +10,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tests import run_fixtures
-from s4eca_jax.models import layers, s4eca, vit
+from s4eca_jax.models import flash, layers, s4eca, vit
 
 
 def _qkv(batch=8, length=29, heads=2, head_dim=8):
@@ -77,7 +77,16 @@ def test_xla_bfloat16_inputs_stay_close_to_f32():
                              atol=3e-2)
 
 
-def test_pallas_gradients_match_xla():
+@pytest.fixture(params=["own", "jax"])
+def pallas_kernel(request, monkeypatch):
+  """Both TPU kernels behind implementation="pallas": the project's (flash.py, up to
+  flash.PALLAS_MAX_LENGTH keys) and jax's (longer sequences; forced here by a 0 limit)."""
+  if request.param == "jax":
+    monkeypatch.setattr(flash, "PALLAS_MAX_LENGTH", 0)
+  return request.param
+
+
+def test_pallas_gradients_match_xla(pallas_kernel):
   q, k, v = _qkv(batch=3)
   key_mask = _key_mask(batch=3)
   loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
@@ -88,6 +97,28 @@ def test_pallas_gradients_match_xla():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_kernels_match_reference(causal):
+  """flash.py on its own, heads-first, five blocks of 128 queries: outputs and gradients of
+  q, k, v against autodiff of the plain reference, with a padded sentence."""
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 2, 640, 16)), jnp.float32) for _ in range(3))
+  valid = np.ones((2, 640), bool)
+  valid[1, 500:] = False
+  valid = jnp.asarray(valid)
+  heads_last = lambda x: jnp.swapaxes(x, 1, 2)
+  reference = lambda q, k, v: heads_last(_reference(
+      heads_last(q), heads_last(k), heads_last(v), valid, causal))
+  sums = lambda attend: (lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v))))
+  kernels = lambda q, k, v: flash.flash_attention(q, k, v, valid, causal=causal)
+  with pltpu.force_tpu_interpret_mode():
+    got = jax.block_until_ready(
+        (kernels(q, k, v), jax.grad(sums(kernels), argnums=(0, 1, 2))(q, k, v)))
+  np.testing.assert_allclose(got[0], reference(q, k, v), atol=1e-5)
+  for g, w in zip(got[1], jax.grad(sums(reference), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
 def test_pallas_block_sizes_cover_the_padded_sequence():
   assert layers.pallas_block_sizes(128, 128) == (128, 128, 128, 128)
   # DINOv2 at 448: 1,029 tokens padded to 1,152, one major block (K/V read once per head).
@@ -96,8 +127,10 @@ def test_pallas_block_sizes_cover_the_padded_sequence():
   assert layers.pallas_block_sizes(4096, 4096) == (2048, 2048, 512, 512)
 
 
-def test_pallas_long_sequence_with_inner_blocks_matches_xla():
-  """640 padded tokens: major blocks of 640 with inner blocks of 128 (forward and grads)."""
+def test_pallas_long_sequence_with_inner_blocks_matches_xla(pallas_kernel):
+  """640 padded tokens (forward and grads): jax's kernel with major blocks of 640 and inner
+  blocks of 128; the project's with five blocks of 128 queries, over which its backward
+  accumulates dK and dV."""
   q, k, v = _qkv(batch=3, length=600, heads=1)
   key_mask = _key_mask(batch=3, length=600)
   loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
@@ -203,6 +236,6 @@ def test_config_attention_reaches_every_encoder_attention():
     config.model.attention = attention
     model = s4eca.build_model(config)
     jaxpr = str(jax.make_jaxpr(lambda rng: model.init(rng, *inputs))(jax.random.PRNGKey(0)))
-    kernels[attention] = jaxpr.count("name=flash_attention")
+    kernels[attention] = jaxpr.count("name=s4eca_flash_forward")
   blocks = config.image_encoder.depth + config.text_encoder.depth
   assert kernels == {"xla": 0, "pallas": blocks + config.model.decoder.num_layers}

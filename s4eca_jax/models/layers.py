@@ -91,10 +91,14 @@ def _pallas_flash(query, key, value, query_valid, key_valid, is_causal):
   """TPU flash attention on heads-first (B, heads, T, head_dim), lengths already padded to
   the block.
 
-  Segment ids carry the masks: a query attends keys of its own segment, so valid queries
-  (segment 1) see valid keys and padding queries (segment 0) see padding keys only.
+  Up to flash.PALLAS_MAX_LENGTH keys: the project's kernels (flash.py: lane-dense row
+  statistics, one backward kernel), which mask keys only; padding query rows are computed
+  and dropped by the caller. Longer sequences: jax's Pallas kernel, whose segment ids carry
+  the masks: a query attends keys of its own segment, so valid queries (segment 1) see
+  valid keys and padding queries (segment 0) see padding keys only.
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
+  from s4eca_jax.models import flash  # pylint: disable=g-import-not-at-top
 
   q_major, k_major, q_minor, k_minor = pallas_block_sizes(query.shape[2], key.shape[2])
   blocks = tpu_flash.BlockSizes(
@@ -107,6 +111,8 @@ def _pallas_flash(query, key, value, query_valid, key_valid, is_causal):
       block_q_dq=q_major)
 
   def kernel(q, k, v, q_segments, kv_segments):
+    if flash.supports(q.shape[2], k.shape[2]):
+      return flash.flash_attention(q, k, v, kv_segments, causal=is_causal)
     return tpu_flash.flash_attention(
         q, k, v, segment_ids=tpu_flash.SegmentIds(q=q_segments, kv=kv_segments),
         causal=is_causal, sm_scale=1.0 / np.sqrt(q.shape[-1]), block_sizes=blocks)

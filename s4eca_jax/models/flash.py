@@ -1,0 +1,192 @@
+"""Flash attention for TPU as Pallas kernels, with the row statistics stored lane-dense.
+
+jax's Pallas TPU flash attention keeps each query row's statistics (max, sum; and dO.O in
+the backward) as (B, heads, T, 128) f32 arrays, one value repeated over the 128 lanes of
+a TPU vector register: at DINOv2's 1,152 padded tokens and 8 images per chip that is 57
+MB per statistic and block, written by the forward, broadcast again for the backward and
+read by both backward kernels. Here they are one log-sum-exp and one dO.O per row, stored
+as (B, heads, 1, T): a row of lanes, 0.4 MB. Inside a kernel a row becomes a column (and
+back) by a broadcast to (128, n) and a transpose on the vector unit.
+
+The sequences this model attends over are short (at most PALLAS_MAX_LENGTH keys): one
+kernel step holds every key of a (batch, head), so the forward needs no running maximum,
+and one backward kernel computes dQ, dK and dV together (jax's computes the scores twice,
+in a dQ kernel and a dK/dV kernel), accumulating dK and dV over the blocks of queries.
+
+Inputs are heads-first (B, heads, T, head_dim), T a multiple of 128; `key_valid` (B, Tk)
+masks keys (padding). Every query row must see at least one valid key (the caller's
+`layers._attendable` ensures it). Rows of padding queries are computed and discarded by
+the caller; their output gradient is zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+LANES = 128
+PALLAS_MAX_LENGTH = 2048  # longest key sequence one kernel step holds
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # a masked score: exp(it - max) is 0
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def supports(q_len: int, k_len: int) -> bool:
+  return q_len % LANES == 0 and k_len % LANES == 0 and k_len <= PALLAS_MAX_LENGTH
+
+
+def _column(row):
+  """(1, n) -> (n, LANES): the row's values down the sublanes, repeated over the lanes."""
+  return jnp.broadcast_to(row, (LANES, row.shape[-1])).T
+
+
+def _row(column):
+  """(n, 1) -> (1, n)."""
+  return jnp.broadcast_to(column, (column.shape[0], LANES)).T[:1]
+
+
+def _scores(q, k, valid, scale, causal, q_start):
+  """(bq, Tk) f32 scores of a block of queries against every key, masked."""
+  s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+  keep = jnp.broadcast_to(valid != 0, s.shape)
+  if causal:
+    rows = q_start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    keep = keep & (jax.lax.broadcasted_iota(jnp.int32, s.shape, 1) <= rows)
+  return jnp.where(keep, s, _MASKED)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scale, causal,
+                    block_q):
+  s = _scores(q_ref[...], k_ref[...], valid_ref[...], scale, causal,
+              pl.program_id(2) * block_q)
+  m = jnp.max(s, axis=1, keepdims=True)
+  p = jnp.exp(s - m)
+  total = jnp.sum(p, axis=1, keepdims=True)  # (bq, 1), >= 1
+  o = jnp.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+  o_ref[...] = (o / total).astype(o_ref.dtype)
+  lse_ref[...] = _row(m + jnp.log(total))
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, di_ref,
+                     dq_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, causal, block_q):
+  i = pl.program_id(2)
+
+  @pl.when(i == 0)
+  def _():
+    dk_acc[...] = jnp.zeros_like(dk_acc)
+    dv_acc[...] = jnp.zeros_like(dv_acc)
+
+  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  s = _scores(q, k, valid_ref[...], scale, causal, i * block_q)
+  p = jnp.exp(s - _column(lse_ref[...])[:, :1])  # (bq, Tk)
+  dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+  ds = p * (dp - _column(di_ref[...])[:, :1])
+  dv_acc[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+  dk_acc[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
+  dq_ref[...] = (jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+                 * scale).astype(dq_ref.dtype)
+
+  @pl.when(i == pl.num_programs(2) - 1)
+  def _():
+    dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def block_q(q_len: int) -> int:
+  """Queries per kernel step: the largest multiple of 128 up to 512 that divides q_len
+  (the step's f32 (block, Tk) tiles stay a few MB of VMEM)."""
+  return max(b for b in range(LANES, min(q_len, 512) + 1, LANES) if q_len % b == 0)
+
+
+def _specs(q, k, bq):
+  """BlockSpecs over the grid (batch, head, query block)."""
+  d = q.shape[-1]
+  q_block = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
+  kv_block = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, i: (b, h, 0, 0))
+  valid = pl.BlockSpec((None, 1, k.shape[2]), lambda b, h, i: (b, 0, 0))
+  row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i: (b, h, 0, i))
+  return q_block, kv_block, valid, row
+
+
+def _forward(q, k, v, valid, scale, causal):
+  batch, heads, q_len, d = q.shape
+  k_len = k.shape[2]
+  bq = block_q(q_len)
+  q_block, kv_block, valid_block, row = _specs(q, k, bq)
+  item = q.dtype.itemsize
+  cost = pl.CostEstimate(
+      flops=4 * batch * heads * q_len * k_len * d,
+      transcendentals=batch * heads * q_len * k_len,
+      bytes_accessed=(2 * q.size + k.size + v.size) * item + valid.size * 4
+      + batch * heads * q_len * 4)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, scale=scale, causal=causal, block_q=bq),
+      grid=(batch, heads, q_len // bq),
+      in_specs=[q_block, kv_block, kv_block, valid_block],
+      out_specs=[q_block, row],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, 1, q_len), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel")),
+      cost_estimate=cost, name="s4eca_flash_forward",
+  )(q, k, v, valid)
+
+
+def _backward(q, k, v, valid, do, lse, di, scale, causal):
+  batch, heads, q_len, d = q.shape
+  k_len = k.shape[2]
+  bq = block_q(q_len)
+  q_block, kv_block, valid_block, row = _specs(q, k, bq)
+  item = q.dtype.itemsize
+  cost = pl.CostEstimate(
+      flops=10 * batch * heads * q_len * k_len * d,
+      transcendentals=batch * heads * q_len * k_len,
+      bytes_accessed=(3 * q.size + 3 * (k.size + v.size)) * item + valid.size * 4
+      + 2 * lse.size * 4)
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, scale=scale, causal=causal, block_q=bq),
+      grid=(batch, heads, q_len // bq),
+      in_specs=[q_block, kv_block, kv_block, valid_block, q_block, row, row],
+      out_specs=[q_block, kv_block, kv_block],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_shapes=[pltpu.VMEM((k_len, d), jnp.float32),
+                      pltpu.VMEM((k_len, d), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      cost_estimate=cost, name="s4eca_flash_backward",
+  )(q, k, v, valid, do, lse, di)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, valid, scale, causal):
+  return _forward(q, k, v, valid, scale, causal)[0]
+
+
+def _attention_fwd(q, k, v, valid, scale, causal):
+  o, lse = _forward(q, k, v, valid, scale, causal)
+  return o, (q, k, v, valid, o, lse)
+
+
+def _attention_bwd(scale, causal, residuals, do):
+  q, k, v, valid, o, lse = residuals
+  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
+  dq, dk, dv = _backward(q, k, v, valid, do.astype(q.dtype), lse, di, scale, causal)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q, k, v, key_valid, *, causal: bool = False):
+  """softmax(q k^T / sqrt(head_dim), keys masked) v on heads-first (B, heads, T, head_dim)."""
+  if not supports(q.shape[2], k.shape[2]):
+    raise ValueError(f"flash_attention: lengths {q.shape[2]}, {k.shape[2]} must be multiples "
+                     f"of {LANES} with at most {PALLAS_MAX_LENGTH} keys.")
+  valid = key_valid.astype(jnp.int32)[:, None, :]  # (B, 1, Tk)
+  return _attention(q, k, v, valid, float(1.0 / np.sqrt(q.shape[-1])), causal)
