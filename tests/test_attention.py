@@ -1,6 +1,9 @@
 """Attention implementations against XLA in f32: Pallas TPU flash attention in interpret
 mode (also under shard_map on the 8 simulated devices), fused q/k/v, remat policies, and
-the config switch reaching every encoder attention."""
+the config switch reaching every encoder attention.
+
+Every interpreted kernel call is waited for before the next dispatch: a kernel still
+running its callbacks can deadlock against new work on the CPU client (seen here)."""
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +47,8 @@ def test_xla_and_pallas_match_reference_and_padded_rows_are_finite(causal):
   expected = _reference(q, k, v, key_mask, causal)
   xla = layers.dot_product_attention(q, k, v, key_mask=key_mask, is_causal=causal)
   with pltpu.force_tpu_interpret_mode():
-    pallas = layers.dot_product_attention(q, k, v, key_mask=key_mask, is_causal=causal,
-                                          implementation="pallas")
+    pallas = jax.block_until_ready(layers.dot_product_attention(
+        q, k, v, key_mask=key_mask, is_causal=causal, implementation="pallas"))
   assert pallas.shape == xla.shape == q.shape
   assert bool(jnp.isfinite(xla).all()) and bool(jnp.isfinite(pallas).all())
   np.testing.assert_allclose(xla, expected, atol=1e-5)
@@ -92,7 +95,7 @@ def test_pallas_gradients_match_xla(pallas_kernel):
   loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
       q, k, v, key_mask=key_mask, implementation=implementation))))
   with pltpu.force_tpu_interpret_mode():
-    pallas = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+    pallas = jax.block_until_ready(jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v))
   for got, want in zip(pallas, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -136,8 +139,9 @@ def test_pallas_long_sequence_with_inner_blocks_matches_xla(pallas_kernel):
   loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
       q, k, v, key_mask=key_mask, implementation=implementation))))
   with pltpu.force_tpu_interpret_mode():
-    got = layers.dot_product_attention(q, k, v, key_mask=key_mask, implementation="pallas")
-    grads = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.block_until_ready(
+        layers.dot_product_attention(q, k, v, key_mask=key_mask, implementation="pallas"))
+    grads = jax.block_until_ready(jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v))
   np.testing.assert_allclose(got, _reference(q, k, v, key_mask, False), atol=1e-5)
   for got, want in zip(grads, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # sums over 600 keys
@@ -155,7 +159,7 @@ def test_pallas_runs_one_kernel_per_device_under_the_mesh():
 
   with pltpu.force_tpu_interpret_mode():
     jaxpr = str(jax.make_jaxpr(attend)(q, k, v))
-    got = jax.jit(attend, in_shardings=(data,) * 3)(q, k, v)
+    got = jax.block_until_ready(jax.jit(attend, in_shardings=(data,) * 3)(q, k, v))
   assert "shard_map" in jaxpr  # XLA does not partition Mosaic kernels
   np.testing.assert_allclose(got, _reference(q, k, v, key_mask, False), atol=1e-5)
 
@@ -201,8 +205,6 @@ def test_pallas_module_matches_xla_module(fused, cross):
   for attention in ("xla", "pallas"):
     apply = lambda y, m=module(attention): m.apply(params, y, *args[1:], **kwargs)
     with pltpu.force_tpu_interpret_mode():
-      # Blocking before the next dispatch: an interpreted kernel still running its
-      # callbacks can deadlock against new work on the CPU client.
       results[attention] = jax.block_until_ready(
           (apply(x), jax.grad(lambda y: jnp.sum(jnp.sin(apply(y))))(x)))
   for got, want in zip(results["pallas"], results["xla"]):
