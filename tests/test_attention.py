@@ -101,12 +101,16 @@ def test_pallas_gradients_match_xla(pallas_kernel):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_kernels_match_reference(causal):
-  """flash.py on its own, heads-first, five blocks of 128 queries: outputs and gradients of
-  q, k, v against autodiff of the plain reference, with a padded sentence."""
+@pytest.mark.parametrize("length", [640, 600])
+def test_flash_kernels_match_reference(causal, length):
+  """flash.py on its own, heads-first, five blocks of 128 queries (at 600 the last one runs
+  40 rows past the end): outputs and gradients of q, k, v against autodiff of the plain
+  reference, with a padded sentence."""
+  assert flash.block_q(length, length) == 128
   rng = np.random.default_rng(4)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 2, 640, 16)), jnp.float32) for _ in range(3))
-  valid = np.ones((2, 640), bool)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 2, length, 16)), jnp.float32)
+             for _ in range(3))
+  valid = np.ones((2, length), bool)
   valid[1, 500:] = False
   valid = jnp.asarray(valid)
   heads_last = lambda x: jnp.swapaxes(x, 1, 2)
@@ -120,6 +124,13 @@ def test_flash_kernels_match_reference(causal):
   np.testing.assert_allclose(got[0], reference(q, k, v), atol=1e-5)
   for g, w in zip(got[1], jax.grad(sums(reference), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_flash_query_blocks():
+  assert flash.block_q(22, 22) == 22  # one step, the whole sequence
+  assert flash.block_q(1029, 1029) == 384  # DINOv2 at 448: 3 blocks, 123 rows past the end
+  assert flash.block_q(1024, 1024) == 512  # the decoder's 32 x 32 pixels
+  assert flash.block_q(2048, 2048) == 256  # the scores tile stays within _SCORES_TILE
 
 
 def test_pallas_block_sizes_cover_the_padded_sequence():

@@ -13,10 +13,13 @@ kernel step holds every key of a (batch, head), so the forward needs no running 
 and one backward kernel computes dQ, dK and dV together (jax's computes the scores twice,
 in a dQ kernel and a dK/dV kernel), accumulating dK and dV over the blocks of queries.
 
-Inputs are heads-first (B, heads, T, head_dim), T a multiple of 128; `key_valid` (B, Tk)
-masks keys (padding). Every query row must see at least one valid key (the caller's
-`layers._attendable` ensures it). Rows of padding queries are computed and discarded by
-the caller; their output gradient is zero.
+Inputs are heads-first (B, heads, T, head_dim) at any length: a block of keys is the whole
+sequence, and a last block of queries that runs past the end reads undefined rows, whose
+outputs are dropped and which the backward masks out of dK and dV. So DINOv2's 1,029
+tokens need no padding to 1,152 (with it, XLA padded q, k and v in HBM in every block,
+and the kernels computed 25% more scores). `key_valid` (B, Tk) masks keys (padding
+tokens); every query row must see at least one valid key (the caller's
+`layers._attendable` ensures it).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
 PALLAS_MAX_LENGTH = 2048  # longest key sequence one kernel step holds
+_MAX_BLOCK_Q = 512
+_SCORES_TILE = 512 * 1024  # most (query, key) pairs per kernel step: a few f32 tiles of VMEM
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # a masked score: exp(it - max) is 0
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
-def supports(q_len: int, k_len: int) -> bool:
-  return q_len % LANES == 0 and k_len % LANES == 0 and k_len <= PALLAS_MAX_LENGTH
+def supports(k_len: int) -> bool:
+  return k_len <= PALLAS_MAX_LENGTH
 
 
 def _column(row):
@@ -72,7 +77,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scale, ca
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, di_ref,
-                     dq_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, causal, block_q):
+                     dq_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, causal, block_q,
+                     q_len):
   i = pl.program_id(2)
 
   @pl.when(i == 0)
@@ -81,10 +87,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, di_ref,
     dv_acc[...] = jnp.zeros_like(dv_acc)
 
   q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  live = None
+  if q_len % block_q:  # the last block runs past the end: its extra rows are undefined
+    live = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < q_len
+    q, do = jnp.where(live, q, 0).astype(q.dtype), jnp.where(live, do, 0).astype(do.dtype)
   s = _scores(q, k, valid_ref[...], scale, causal, i * block_q)
   p = jnp.exp(s - _column(lse_ref[...])[:, :1])  # (bq, Tk)
   dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
   ds = p * (dp - _column(di_ref[...])[:, :1])
+  if live is not None:  # undefined statistics too
+    p, ds = jnp.where(live, p, 0.0), jnp.where(live, ds, 0.0)
   dv_acc[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
   dk_acc[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
   dq_ref[...] = (jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -96,10 +108,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, di_ref,
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def block_q(q_len: int) -> int:
-  """Queries per kernel step: the largest multiple of 128 up to 512 that divides q_len
-  (the step's f32 (block, Tk) tiles stay a few MB of VMEM)."""
-  return max(b for b in range(LANES, min(q_len, 512) + 1, LANES) if q_len % b == 0)
+def block_q(q_len: int, k_len: int) -> int:
+  """Queries per kernel step: all of them when they fit one step; else the multiple of 128
+  (up to 512, with at most _SCORES_TILE scores) that wastes the fewest rows past the end,
+  the longest of those. 1,029 tokens: 384 (123 rows past the end; 512 would waste 507)."""
+  sizes = [b for b in range(LANES, _MAX_BLOCK_Q + 1, LANES) if b * k_len <= _SCORES_TILE]
+  sizes = sizes or [LANES]
+  if q_len <= sizes[-1]:
+    return q_len
+  return min(sizes, key=lambda b: (-(-q_len // b) * b - q_len, -b))
 
 
 def _specs(q, k, bq):
@@ -115,7 +132,7 @@ def _specs(q, k, bq):
 def _forward(q, k, v, valid, scale, causal):
   batch, heads, q_len, d = q.shape
   k_len = k.shape[2]
-  bq = block_q(q_len)
+  bq = block_q(q_len, k_len)
   q_block, kv_block, valid_block, row = _specs(q, k, bq)
   item = q.dtype.itemsize
   cost = pl.CostEstimate(
@@ -125,7 +142,7 @@ def _forward(q, k, v, valid, scale, causal):
       + batch * heads * q_len * 4)
   return pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, block_q=bq),
-      grid=(batch, heads, q_len // bq),
+      grid=(batch, heads, pl.cdiv(q_len, bq)),
       in_specs=[q_block, kv_block, kv_block, valid_block],
       out_specs=[q_block, row],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -139,7 +156,7 @@ def _forward(q, k, v, valid, scale, causal):
 def _backward(q, k, v, valid, do, lse, di, scale, causal):
   batch, heads, q_len, d = q.shape
   k_len = k.shape[2]
-  bq = block_q(q_len)
+  bq = block_q(q_len, k_len)
   q_block, kv_block, valid_block, row = _specs(q, k, bq)
   item = q.dtype.itemsize
   cost = pl.CostEstimate(
@@ -148,8 +165,9 @@ def _backward(q, k, v, valid, do, lse, di, scale, causal):
       bytes_accessed=(3 * q.size + 3 * (k.size + v.size)) * item + valid.size * 4
       + 2 * lse.size * 4)
   return pl.pallas_call(
-      functools.partial(_backward_kernel, scale=scale, causal=causal, block_q=bq),
-      grid=(batch, heads, q_len // bq),
+      functools.partial(_backward_kernel, scale=scale, causal=causal, block_q=bq,
+                        q_len=q_len),
+      grid=(batch, heads, pl.cdiv(q_len, bq)),
       in_specs=[q_block, kv_block, kv_block, valid_block, q_block, row, row],
       out_specs=[q_block, kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -185,8 +203,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q, k, v, key_valid, *, causal: bool = False):
   """softmax(q k^T / sqrt(head_dim), keys masked) v on heads-first (B, heads, T, head_dim)."""
-  if not supports(q.shape[2], k.shape[2]):
-    raise ValueError(f"flash_attention: lengths {q.shape[2]}, {k.shape[2]} must be multiples "
-                     f"of {LANES} with at most {PALLAS_MAX_LENGTH} keys.")
+  if not supports(k.shape[2]):
+    raise ValueError(f"flash_attention: {k.shape[2]} keys; these kernels hold at most "
+                     f"{PALLAS_MAX_LENGTH} (longer sequences: jax's kernel, layers._jax_flash).")
   valid = key_valid.astype(jnp.int32)[:, None, :]  # (B, 1, Tk)
   return _attention(q, k, v, valid, float(1.0 / np.sqrt(q.shape[-1])), causal)

@@ -6,6 +6,7 @@ mapping to Hugging Face names lives in hf_weights.py.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -37,7 +38,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 CUDNN_LENGTH_MULTIPLE = 64  # jax's cuDNN flash attention refuses e.g. 1,029 tokens
-PALLAS_BLOCK = 128  # the TPU flash kernel's smallest block: sequences are padded to it
+PALLAS_BLOCK = 128  # the smallest block of jax's TPU flash kernel: sequences are padded to it
 PALLAS_MAX_MAJOR_BLOCK = 2048  # longest block of queries (keys) one kernel step holds
 PALLAS_MAX_MINOR_BLOCK = 512  # longest inner block (the scores tile is major x minor f32)
 
@@ -55,7 +56,7 @@ def pallas_block_sizes(q_len: int, k_len: int) -> tuple[int, int, int, int]:
   kernel reads q and dO once per major block of keys: the kernel's default (128) re-reads
   them 9 times at DINOv2's 1,029 (1,152) tokens. Major blocks as long as the sequence (up
   to PALLAS_MAX_MAJOR_BLOCK) read each once; the inner blocks bound the scores tile. (The
-  dQ kernel keeps key blocks of PALLAS_BLOCK, see _pallas_flash.)
+  dQ kernel keeps key blocks of PALLAS_BLOCK, see _jax_flash.)
   """
   q_major = _largest_block(q_len, PALLAS_MAX_MAJOR_BLOCK)
   k_major = _largest_block(k_len, PALLAS_MAX_MAJOR_BLOCK)
@@ -87,20 +88,37 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _pallas_flash(query, key, value, query_valid, key_valid, is_causal):
-  """TPU flash attention on heads-first (B, heads, T, head_dim), lengths already padded to
-  the block.
+def _pallas_attention(query, key, value, key_mask, is_causal):
+  """TPU flash attention on heads-first (B, heads, T, head_dim) at their own lengths.
 
-  Up to flash.PALLAS_MAX_LENGTH keys: the project's kernels (flash.py: lane-dense row
-  statistics, one backward kernel), which mask keys only; padding query rows are computed
-  and dropped by the caller. Longer sequences: jax's Pallas kernel, whose segment ids carry
-  the masks: a query attends keys of its own segment, so valid queries (segment 1) see
-  valid keys and padding queries (segment 0) see padding keys only.
+  Up to flash.PALLAS_MAX_LENGTH keys: the project's kernels (flash.py: any length, lane-
+  dense row statistics, one backward kernel). Longer sequences: jax's Pallas kernel, on
+  sequences padded to its block, whose segment ids carry the masks: a query attends keys
+  of its own segment, so valid queries (segment 1) see valid keys and padding queries
+  (segment 0) see padding keys only.
   """
-  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
-  from s4eca_jax.models import flash  # pylint: disable=g-import-not-at-top
+  from s4eca_jax.models import flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
 
-  q_major, k_major, q_minor, k_minor = pallas_block_sizes(query.shape[2], key.shape[2])
+  batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+  key_valid = jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
+  if flash.supports(k_len):
+    return _per_device(lambda q, k, v, valid: flash.flash_attention(
+        q, k, v, valid, causal=is_causal), query, key, value, key_valid)
+  q_padded, k_padded = _round_up(q_len, PALLAS_BLOCK), _round_up(k_len, PALLAS_BLOCK)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+  segments = lambda valid, n: pad_tokens(valid, n).astype(jnp.int32)
+  query_valid = jnp.ones((batch, q_len), bool)
+  out = _per_device(functools.partial(_jax_flash, is_causal=is_causal),
+                    pad(query, q_padded), pad(key, k_padded), pad(value, k_padded),
+                    segments(query_valid, q_padded), segments(key_valid, k_padded))
+  return out[:, :, :q_len]
+
+
+def _jax_flash(q, k, v, q_segments, kv_segments, *, is_causal):
+  """jax's Pallas TPU flash attention, lengths padded to PALLAS_BLOCK."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
+
+  q_major, k_major, q_minor, k_minor = pallas_block_sizes(q.shape[2], k.shape[2])
   blocks = tpu_flash.BlockSizes(
       block_q=q_major, block_k_major=k_major, block_k=k_minor, block_b=1,
       block_q_major_dkv=q_major, block_k_major_dkv=k_major, block_k_dkv=k_minor,
@@ -109,27 +127,23 @@ def _pallas_flash(query, key, value, query_valid, key_valid, is_causal):
       # its key blocks stay at the minimum, its query block spans the sequence.
       block_q_dkv=q_minor, block_k_major_dq=PALLAS_BLOCK, block_k_dq=PALLAS_BLOCK,
       block_q_dq=q_major)
+  return tpu_flash.flash_attention(
+      q, k, v, segment_ids=tpu_flash.SegmentIds(q=q_segments, kv=kv_segments),
+      causal=is_causal, sm_scale=1.0 / np.sqrt(q.shape[-1]), block_sizes=blocks)
 
-  def kernel(q, k, v, q_segments, kv_segments):
-    if flash.supports(q.shape[2], k.shape[2]):
-      return flash.flash_attention(q, k, v, kv_segments, causal=is_causal)
-    return tpu_flash.flash_attention(
-        q, k, v, segment_ids=tpu_flash.SegmentIds(q=q_segments, kv=kv_segments),
-        causal=is_causal, sm_scale=1.0 / np.sqrt(q.shape[-1]), block_sizes=blocks)
 
-  q_segments, kv_segments = query_valid.astype(jnp.int32), key_valid.astype(jnp.int32)
+def _per_device(kernel, *args):
+  """kernel(*args), one call per device on its batch shard when the step traces under a
+  mesh (jax.sharding.use_abstract_mesh): XLA does not partition Mosaic kernels."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return kernel(query, key, value, q_segments, kv_segments)
-  # Mosaic kernels are not partitioned by XLA: run one per device on its batch shard. The
-  # step functions trace under the mesh (jax.sharding.use_abstract_mesh).
-  batch_axes = tuple(mesh.axis_names)
-  if query.shape[0] % mesh.size:
-    raise ValueError(f"pallas attention: batch {query.shape[0]} is not divisible by the "
+    return kernel(*args)
+  if args[0].shape[0] % mesh.size:
+    raise ValueError(f"pallas attention: batch {args[0].shape[0]} is not divisible by the "
                      f"{mesh.size} devices of the mesh {dict(mesh.shape)}.")
-  spec = jax.sharding.PartitionSpec(batch_axes)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec,
-                       check_vma=False)(query, key, value, q_segments, kv_segments)
+  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       check_vma=False)(*args)
 
 
 def _xla_attention(query, key, value, key_mask, is_causal):
@@ -176,21 +190,19 @@ def dot_product_attention(query, key, value, *, key_mask=None, is_causal: bool =
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}; use one of "
                      f"{ATTENTION_IMPLEMENTATIONS}.")
-  multiple = CUDNN_LENGTH_MULTIPLE if implementation == "cudnn" else PALLAS_BLOCK
-  q_padded, k_padded = _round_up(q_len, multiple), _round_up(k_len, multiple)
+  if implementation == "pallas":
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    return heads_first(_pallas_attention(heads_first(query), heads_first(key),
+                                         heads_first(value), key_mask, is_causal))
+  q_padded = _round_up(q_len, CUDNN_LENGTH_MULTIPLE)
+  k_padded = _round_up(k_len, CUDNN_LENGTH_MULTIPLE)
   query, key, value = (pad_tokens(x, n) for x, n in ((query, q_padded), (key, k_padded),
                                                      (value, k_padded)))
-  key_valid = _padded_key_valid(key_mask, batch, k_len, k_padded)
-  if implementation == "cudnn":
-    lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)  # (B,) valid keys come first
-    out = jax.nn.dot_product_attention(
-        query, key, value, is_causal=is_causal, implementation="cudnn",
-        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32), key_value_seq_lengths=lengths)
-  else:
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-    out = heads_first(_pallas_flash(heads_first(query), heads_first(key), heads_first(value),
-                                    _query_valid(batch, q_len, q_padded), key_valid,
-                                    is_causal))
+  valid = jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
+  lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # (B,) valid keys come first
+  out = jax.nn.dot_product_attention(
+      query, key, value, is_causal=is_causal, implementation="cudnn",
+      query_seq_lengths=jnp.full((batch,), q_len, jnp.int32), key_value_seq_lengths=lengths)
   return out[:, :q_len]
 
 
@@ -205,16 +217,6 @@ def _attendable(key_mask):
 def pad_tokens(x, length: int):
   """Zero-pads axis 1 (tokens) of x to `length`."""
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
-
-
-def _padded_key_valid(key_mask, batch: int, k_len: int, k_padded: int):
-  """(B, k_padded) bool: attendable keys (see _attendable); padding keys are not."""
-  valid = jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
-  return pad_tokens(valid, k_padded)
-
-
-def _query_valid(batch: int, q_len: int, q_padded: int):
-  return jnp.broadcast_to(jnp.arange(q_padded) < q_len, (batch, q_padded))
 
 
 def _project_heads_first(x, kernel, bias, num_heads: int, dtype):
@@ -302,18 +304,14 @@ class MultiHeadAttention(nn.Module):
     return dense("out", self.out_features or inputs_q.shape[-1])(out)
 
   def _pallas(self, inputs_q, inputs_kv, self_attention, key_mask, is_causal, features):
-    """The same parameters and math on TPU's flash kernel, heads-first from end to end.
+    """The same parameters and math on TPU's flash kernels, heads-first from end to end.
 
-    The projections write (B, heads, T, head_dim), the kernel's layout, and the output
-    projection reads it; only the token padding to the kernel's block remains. Through
-    dot_product_attention's (B, T, heads, head_dim) route, XLA copies q, k, v and the
-    output between layouts, forward and backward: the rrsisd train step on v5e (8 images
-    per chip, aot) moved 58.8 GB that way and 50.0 GB this way, at the same FLOPs.
-    (Padding the tokens before the projections instead fuses the padding into them but
-    projects the padding too: 48.6 GB, 2% more FLOPs and 5% more HBM traffic.)
+    The projections write (B, heads, T, head_dim), the kernels' layout, and the output
+    projection reads it. Through dot_product_attention's (B, T, heads, head_dim) route,
+    XLA copies q, k, v and the output between layouts, forward and backward: the rrsisd
+    train step on v5e (8 images per chip, aot, with jax's kernel) moved 58.8 GB that way
+    and 50.0 GB this way, at the same FLOPs.
     """
-    batch, q_len, k_len = inputs_q.shape[0], inputs_q.shape[1], inputs_kv.shape[1]
-    q_padded, k_padded = _round_up(q_len, PALLAS_BLOCK), _round_up(k_len, PALLAS_BLOCK)
     params = lambda name, x: DenseParams(features, name != "key" or self.key_bias,
                                          name=name)(x.shape[-1])
     if self.fused_qkv and self_attention:
@@ -326,13 +324,10 @@ class MultiHeadAttention(nn.Module):
       query, key, value = (
           _project_heads_first(x, *params(name, x), self.num_heads, self.dtype)
           for name, x in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv)))
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
-    query, key, value = pad(query, q_padded), pad(key, k_padded), pad(value, k_padded)
-    out = _pallas_flash(query, key, value, _query_valid(batch, q_len, q_padded),
-                        _padded_key_valid(key_mask, batch, k_len, k_padded), is_causal)
+    out = _pallas_attention(query, key, value, key_mask, is_causal)
     kernel, bias = DenseParams(self.out_features or inputs_q.shape[-1], name="out")(features)
     kernel = kernel.reshape(self.num_heads, -1, kernel.shape[-1]).astype(self.dtype)
-    return jnp.einsum("bhtk,hko->bto", out[:, :, :q_len], kernel) + bias.astype(self.dtype)
+    return jnp.einsum("bhtk,hko->bto", out, kernel) + bias.astype(self.dtype)
 
 
 class DenseParams(nn.Module):
