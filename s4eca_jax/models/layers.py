@@ -50,7 +50,7 @@ def _largest_block(length: int, limit: int) -> int:
 
 
 def pallas_block_sizes(q_len: int, k_len: int) -> tuple[int, int, int, int]:
-  """(q major, k major, q minor, k minor) blocks of the TPU flash kernels for padded lengths.
+  """(q major, k major, q minor, k minor) blocks of jax's TPU flash kernels (padded lengths).
 
   The forward and dQ kernels read K and V once per major block of queries, the dK/dV
   kernel reads q and dO once per major block of keys: the kernel's default (128) re-reads
@@ -180,9 +180,9 @@ def dot_product_attention(query, key, value, *, key_mask=None, is_causal: bool =
   nonzero where a key may be attended (the tokenizer's attention mask; valid keys first
   for cuDNN, which takes lengths). A row with no valid key (a padded evaluation example)
   attends to all keys instead: finite outputs that the caller discards, never NaN.
-  cuDNN and Pallas run on sequences padded to their block; padding keys are masked and
-  padding query rows dropped. (MultiHeadAttention calls the Pallas kernel heads-first
-  itself, without this function's layout changes: MultiHeadAttention._pallas.)
+  cuDNN runs on sequences padded to a multiple of 64: padding keys are masked and padding
+  query rows dropped. Pallas: _pallas_attention (MultiHeadAttention calls it heads-first
+  itself, without this function's layout changes: MultiHeadAttention._pallas).
   """
   batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
   if implementation == "xla":
@@ -312,15 +312,13 @@ class MultiHeadAttention(nn.Module):
     train step on v5e (8 images per chip, aot, with jax's kernel) moved 58.8 GB that way
     and 50.0 GB this way, at the same FLOPs.
     """
-    params = lambda name, x: DenseParams(features, name != "key" or self.key_bias,
-                                         name=name)(x.shape[-1])
     if self.fused_qkv and self_attention:
-      parts = [params(name, inputs_q) for name in ("query", "key", "value")]
-      kernel = jnp.concatenate([k for k, _ in parts], axis=1)  # (D, 3 * features)
-      bias = jnp.concatenate([b for _, b in parts])
-      qkv = _project_heads_first(inputs_q, kernel, bias, 3 * self.num_heads, self.dtype)
+      qkv = _project_heads_first(inputs_q, *_qkv_params(self, inputs_q.shape[-1], features),
+                                 3 * self.num_heads, self.dtype)
       query, key, value = jnp.split(qkv, 3, axis=1)  # heads [q..., k..., v...]
     else:
+      params = lambda name, x: DenseParams(features, name != "key" or self.key_bias,
+                                           name=name)(x.shape[-1])
       query, key, value = (
           _project_heads_first(x, *params(name, x), self.num_heads, self.dtype)
           for name, x in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv)))
@@ -344,13 +342,20 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
+def _qkv_params(module: MultiHeadAttention, in_features: int, features: int):
+  """The query, key and value Dense params (separate, as in checkpoints) concatenated for
+  one matmul: kernel (in_features, 3 * features), bias (3 * features,)."""
+  parts = [DenseParams(features, name != "key" or module.key_bias, name=name)(in_features)
+           for name in ("query", "key", "value")]
+  return (jnp.concatenate([k for k, _ in parts], axis=1),
+          jnp.concatenate([b for _, b in parts]))
+
+
 def _fused_projection(module: MultiHeadAttention, x, features: int):
   """q, k, v of x from one matmul over the concatenated kernels (separate Dense params)."""
-  parts = [DenseParams(features, name != "key" or module.key_bias, name=name)(x.shape[-1])
-           for name in ("query", "key", "value")]
-  kernel = jnp.concatenate([k for k, _ in parts], axis=1).astype(module.dtype)
-  bias = jnp.concatenate([b for _, b in parts]).astype(module.dtype)
-  qkv = jnp.dot(x.astype(module.dtype), kernel) + bias  # (B, T, 3 * features)
+  kernel, bias = _qkv_params(module, x.shape[-1], features)
+  qkv = jnp.dot(x.astype(module.dtype), kernel.astype(module.dtype)) + bias.astype(
+      module.dtype)  # (B, T, 3 * features)
   return jnp.split(qkv, 3, axis=-1)
 
 
