@@ -119,65 +119,54 @@ def block_q(q_len: int, k_len: int) -> int:
   return min(sizes, key=lambda b: (-(-q_len // b) * b - q_len, -b))
 
 
-def _specs(q, k, bq):
-  """BlockSpecs over the grid (batch, head, query block)."""
-  d = q.shape[-1]
-  q_block = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
-  kv_block = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, i: (b, h, 0, 0))
-  valid = pl.BlockSpec((None, 1, k.shape[2]), lambda b, h, i: (b, 0, 0))
-  row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i: (b, h, 0, i))
-  return q_block, kv_block, valid, row
-
-
-def _forward(q, k, v, valid, scale, causal):
+def _plan(q, k):
+  """(queries per step, grid (batch, head, query block), BlockSpecs: a block of queries, all
+  keys or values, the key mask, a row statistic)."""
   batch, heads, q_len, d = q.shape
   k_len = k.shape[2]
   bq = block_q(q_len, k_len)
-  q_block, kv_block, valid_block, row = _specs(q, k, bq)
-  item = q.dtype.itemsize
-  cost = pl.CostEstimate(
-      flops=4 * batch * heads * q_len * k_len * d,
-      transcendentals=batch * heads * q_len * k_len,
-      bytes_accessed=(2 * q.size + k.size + v.size) * item + valid.size * 4
-      + batch * heads * q_len * 4)
+  q_block = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
+  kv_block = pl.BlockSpec((None, None, k_len, d), lambda b, h, i: (b, h, 0, 0))
+  valid = pl.BlockSpec((None, 1, k_len), lambda b, h, i: (b, 0, 0))
+  row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i: (b, h, 0, i))
+  return bq, (batch, heads, pl.cdiv(q_len, bq)), (q_block, kv_block, valid, row)
+
+
+def _cost(q, k, flops_per_score: int, arrays) -> pl.CostEstimate:
+  """What a kernel costs, for XLA's cost analysis: FLOPs per (query, key) pair and head
+  dim, one exp per pair, and the bytes of the arrays it reads and writes once each."""
+  scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+  return pl.CostEstimate(flops=flops_per_score * scores * q.shape[3], transcendentals=scores,
+                         bytes_accessed=sum(a.size * a.dtype.itemsize for a in arrays))
+
+
+def _forward(q, k, v, valid, scale, causal):
+  bq, grid, (q_block, kv_block, valid_block, row) = _plan(q, k)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct(q.shape[:2] + (1, q.shape[2]), jnp.float32)]
   return pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, block_q=bq),
-      grid=(batch, heads, pl.cdiv(q_len, bq)),
-      in_specs=[q_block, kv_block, kv_block, valid_block],
-      out_specs=[q_block, row],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, 1, q_len), jnp.float32)],
+      grid=grid, in_specs=[q_block, kv_block, kv_block, valid_block],
+      out_specs=[q_block, row], out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
-      cost_estimate=cost, name="s4eca_flash_forward",
+      cost_estimate=_cost(q, k, 4, [q, k, v, valid] + out_shape), name="s4eca_flash_forward",
   )(q, k, v, valid)
 
 
 def _backward(q, k, v, valid, do, lse, di, scale, causal):
-  batch, heads, q_len, d = q.shape
-  k_len = k.shape[2]
-  bq = block_q(q_len, k_len)
-  q_block, kv_block, valid_block, row = _specs(q, k, bq)
-  item = q.dtype.itemsize
-  cost = pl.CostEstimate(
-      flops=10 * batch * heads * q_len * k_len * d,
-      transcendentals=batch * heads * q_len * k_len,
-      bytes_accessed=(3 * q.size + 3 * (k.size + v.size)) * item + valid.size * 4
-      + 2 * lse.size * 4)
+  bq, grid, (q_block, kv_block, valid_block, row) = _plan(q, k)
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
   return pl.pallas_call(
       functools.partial(_backward_kernel, scale=scale, causal=causal, block_q=bq,
-                        q_len=q_len),
-      grid=(batch, heads, pl.cdiv(q_len, bq)),
-      in_specs=[q_block, kv_block, kv_block, valid_block, q_block, row, row],
-      out_specs=[q_block, kv_block, kv_block],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[pltpu.VMEM((k_len, d), jnp.float32),
-                      pltpu.VMEM((k_len, d), jnp.float32)],
+                        q_len=q.shape[2]),
+      grid=grid, in_specs=[q_block, kv_block, kv_block, valid_block, q_block, row, row],
+      out_specs=[q_block, kv_block, kv_block], out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((k.shape[2], q.shape[3]), jnp.float32)] * 2,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=cost, name="s4eca_flash_backward",
+      cost_estimate=_cost(q, k, 10, [q, k, v, valid, do, lse, di] + out_shape),
+      name="s4eca_flash_backward",
   )(q, k, v, valid, do, lse, di)
 
 
