@@ -46,7 +46,8 @@ def main():
 
   def input_grads(q, k, v):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      attend = lambda q, k, v: layers._pallas_attention(q, k, v, None, args.causal)  # pylint: disable=protected-access
+      attend = lambda q, k, v: layers._pallas_attention(  # pylint: disable=protected-access
+          q, k, v, None, args.causal)
       loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2)
       return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 

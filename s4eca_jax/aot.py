@@ -18,10 +18,10 @@ a cost estimate (FLOPs, transcendentals, bytes), so XLA's counts include them; t
 says how many there are. Of jax's Pallas flash kernel (longer sequences) XLA counts the
 forward once by the kernel's own estimate (its inputs and outputs, no re-reads) and the
 two backward kernels as nothing: the tool adds the rest analytically from the kernels'
-shapes in the compiled HLO and says so. Bytes are reported twice: XLA's "bytes accessed" (operands in any memory space, TPU
-VMEM included) and an HBM estimate from the optimised HLO's layouts
-(roofline.traffic_by_source(hbm_only=True)), each with its roofline. The largest
-per-chip batch: `--fit=estimate` scales the temporaries linearly from this compile (one
+shapes in the compiled HLO and says so. Bytes are reported twice: XLA's "bytes accessed"
+(operands in any memory space, TPU VMEM included) and an HBM estimate from the optimised
+HLO's layouts (roofline.traffic_by_source(hbm_only=True)), each with its roofline. The
+largest per-chip batch: `--fit=estimate` scales the temporaries linearly from this compile (one
 compile); `--fit=search` bisects on real compiles.
 """
 

@@ -142,9 +142,9 @@ def test_pallas_block_sizes_cover_the_padded_sequence():
 
 
 def test_pallas_long_sequence_with_inner_blocks_matches_xla(pallas_kernel):
-  """640 padded tokens (forward and grads): jax's kernel with major blocks of 640 and inner
-  blocks of 128; the project's with five blocks of 128 queries, over which its backward
-  accumulates dK and dV."""
+  """600 tokens (forward and grads): jax's kernel pads them to 640, in major blocks of 640
+  with inner blocks of 128; the project's takes five blocks of 128 queries, the last 40
+  rows past the end, over which its backward accumulates dK and dV."""
   q, k, v = _qkv(batch=3, length=600, heads=1)
   key_mask = _key_mask(batch=3, length=600)
   loss = lambda implementation: (lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(
