@@ -45,8 +45,8 @@ def supports(k_len: int) -> bool:
 
 
 def _column(row):
-  """(1, n) -> (n, LANES): the row's values down the sublanes, repeated over the lanes."""
-  return jnp.broadcast_to(row, (LANES, row.shape[-1])).T
+  """(1, n) -> (n, 1): the row's values down the sublanes (via a (LANES, n) transpose)."""
+  return jnp.broadcast_to(row, (LANES, row.shape[-1])).T[:, :1]
 
 
 def _row(column):
@@ -92,9 +92,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, di_ref,
     live = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < q_len
     q, do = jnp.where(live, q, 0).astype(q.dtype), jnp.where(live, do, 0).astype(do.dtype)
   s = _scores(q, k, valid_ref[...], scale, causal, i * block_q)
-  p = jnp.exp(s - _column(lse_ref[...])[:, :1])  # (bq, Tk)
+  p = jnp.exp(s - _column(lse_ref[...]))  # (bq, Tk)
   dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-  ds = p * (dp - _column(di_ref[...])[:, :1])
+  ds = p * (dp - _column(di_ref[...]))
   if live is not None:  # undefined statistics too
     p, ds = jnp.where(live, p, 0.0), jnp.where(live, ds, 0.0)
   dv_acc[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)

@@ -100,12 +100,12 @@ def _pallas_attention(query, key, value, key_mask, is_causal):
   from s4eca_jax.models import flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
 
   batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-  key_valid = jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
+  key_valid = _key_valid(key_mask, batch, k_len)
   if flash.supports(k_len):
     return _per_device(lambda q, k, v, valid: flash.flash_attention(
         q, k, v, valid, causal=is_causal), query, key, value, key_valid)
   q_padded, k_padded = _round_up(q_len, PALLAS_BLOCK), _round_up(k_len, PALLAS_BLOCK)
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[2]), (0, 0)))
+  pad = lambda x, n: pad_tokens(x, n, axis=2)
   segments = lambda valid, n: pad_tokens(valid, n).astype(jnp.int32)
   query_valid = jnp.ones((batch, q_len), bool)
   out = _per_device(functools.partial(_jax_flash, is_causal=is_causal),
@@ -198,8 +198,7 @@ def dot_product_attention(query, key, value, *, key_mask=None, is_causal: bool =
   k_padded = _round_up(k_len, CUDNN_LENGTH_MULTIPLE)
   query, key, value = (pad_tokens(x, n) for x, n in ((query, q_padded), (key, k_padded),
                                                      (value, k_padded)))
-  valid = jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
-  lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # (B,) valid keys come first
+  lengths = jnp.sum(_key_valid(key_mask, batch, k_len), axis=-1, dtype=jnp.int32)  # (B,) valid keys come first
   out = jax.nn.dot_product_attention(
       query, key, value, is_causal=is_causal, implementation="cudnn",
       query_seq_lengths=jnp.full((batch,), q_len, jnp.int32), key_value_seq_lengths=lengths)
@@ -214,9 +213,16 @@ def _attendable(key_mask):
   return key_mask | ~jnp.any(key_mask, axis=-1, keepdims=True)
 
 
-def pad_tokens(x, length: int):
-  """Zero-pads axis 1 (tokens) of x to `length`."""
-  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+def _key_valid(key_mask, batch: int, k_len: int):
+  """(B, Tk) bool: _attendable(key_mask), every key where there is no mask."""
+  return jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
+
+
+def pad_tokens(x, length: int, axis: int = 1):
+  """Zero-pads the token axis of x (1: (B, T, ...); 2: heads-first) to `length`."""
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, pads)
 
 
 def _project_heads_first(x, kernel, bias, num_heads: int, dtype):
