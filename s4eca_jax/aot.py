@@ -20,7 +20,10 @@ forward once by the kernel's own estimate (its inputs and outputs, no re-reads) 
 two backward kernels as nothing: the tool adds the rest analytically from the kernels'
 shapes in the compiled HLO and says so. Bytes are reported twice: XLA's "bytes accessed"
 (operands in any memory space, TPU VMEM included) and an HBM estimate from the optimised
-HLO's layouts (roofline.traffic_by_source(hbm_only=True)), each with its roofline. The
+HLO's layouts (roofline.traffic_by_source(hbm_only=True)), each with its roofline. On v5e
+and v5p the tool also sums the compiler's own per-op cycle estimates (`estimated_cycles` in
+the optimised HLO) into a step time, Pallas kernels at their roofline
+(roofline.time_by_source; `--time_top N` ranks the module paths by it). The
 largest per-chip batch: `--fit=estimate` scales the temporaries linearly from this compile (one
 compile); `--fit=search` bisects on real compiles.
 """
@@ -139,7 +142,8 @@ def compile_steps(config, devices, batch_size: int, *, with_eval: bool = True):
 
 
 def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None,
-             traffic_top: int = 0, hlo_dir: str | None = None) -> tuple[list[str], dict]:
+             traffic_top: int = 0, hlo_dir: str | None = None,
+             time_top: int = 0) -> tuple[list[str], dict]:
   """Lines of the per-chip table for one compiled step, and its numbers; with `hlo_dir`,
   the step's optimised HLO is also written there."""
   memory, cost = roofline.memory_of(compiled), roofline.cost_of(compiled)
@@ -193,6 +197,17 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                    f"ms -> {step_s * 1e3:.1f} ms/step, {batch_size / step_s:.0f} images/s "
                    f"({per_chip_images / step_s:.0f} per chip), bound by {bound}")
       numbers[key] = batch_size / step_s
+  if chip and chip.clock_hz:
+    by_source = roofline.time_by_source(hlo, chip)
+    kernel_s = sum(v for k, v in by_source.items() if k.endswith(roofline.KERNEL_ROOFLINE))
+    step_s = sum(by_source.values())
+    lines.append(f"  XLA's per-op cost model: {(step_s - kernel_s) * 1e3:.1f} ms of ops "
+                 f"(the compiler's estimated cycles at {chip.clock_hz / 1e9:g} GHz, one op "
+                 f"after another) + {kernel_s * 1e3:.1f} ms of Pallas kernels (roofline of "
+                 f"their cost estimates) -> {step_s * 1e3:.1f} ms/step, "
+                 f"{batch_size / step_s:.0f} images/s ({per_chip_images / step_s:.0f} per chip)")
+    numbers["model_seconds"], numbers["model_kernel_seconds"] = step_s, kernel_s
+    numbers["model_images_per_s"] = batch_size / step_s
   if cost.get("optimal_seconds", 0) > 0:  # negative where the model cannot price the step
     lines.append(f"  XLA's own estimate of the step (cost model, Pallas kernels not included): "
                  f"{cost['optimal_seconds'] * 1e3:.1f} ms")
@@ -214,6 +229,13 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                    f"{traffic_top}:")
       for source, moved in sorted(by_source.items(), key=lambda kv: -kv[1])[:traffic_top]:
         lines.append(f"    {moved / 1e9:8.2f} GB  {moved / total:5.1%}  {source}")
+  if time_top and chip and chip.clock_hz:
+    by_source = roofline.time_by_source(hlo, chip)
+    total = sum(by_source.values())
+    lines.append(f"  time by module (XLA's per-op cost model, as above; {total * 1e3:.1f} ms in "
+                 f"all), top {time_top}:")
+    for source, seconds in sorted(by_source.items(), key=lambda kv: -kv[1])[:time_top]:
+      lines.append(f"    {seconds * 1e3:8.2f} ms  {seconds / total:5.1%}  {source}")
   return lines, numbers
 
 
@@ -258,7 +280,7 @@ def largest_batch(config, devices, per_chip: int, memory: dict, chip: Chip | Non
 
 def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
         with_eval: bool = True, traffic_top: int = 0,
-        hlo_dir: str | None = None) -> dict[str, Any]:
+        hlo_dir: str | None = None, time_top: int = 0) -> dict[str, Any]:
   """Compiles the steps, prints the table; returns its numbers."""
   if topology != "local" and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # a CPU host compiling for TPU
@@ -279,7 +301,7 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
   results = {"chips": chips, "chip": chip_name, "batch_size": batch_size}
   for name in ("train", "eval") if with_eval else ("train",):
     lines, numbers = describe(name, compiled[name], batch_size, chips, chip, traffic_top,
-                              hlo_dir)
+                              hlo_dir, time_top)
     print("\n".join(lines))
     results[name] = numbers
   memory = results["train"]["memory"]
@@ -302,6 +324,8 @@ def define_flags() -> None:
   flags.DEFINE_string("hlo_dir", None, "also write each step's optimised HLO text there")
   flags.DEFINE_integer("traffic_top", 0, "also list the N module paths (forward/backward) "
                        "that move the most bytes, in any memory space and in HBM only")
+  flags.DEFINE_integer("time_top", 0, "also list the N module paths (forward/backward) that "
+                       "take the most time by XLA's per-op cost model (TPU v5e, v5p)")
 
 
 def main(argv) -> None:
@@ -311,7 +335,7 @@ def main(argv) -> None:
   except ValueError as error:
     raise cli.UsageError(str(error)) from None
   run(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.fit, not FLAGS.train_only,
-      FLAGS.traffic_top, FLAGS.hlo_dir)
+      FLAGS.traffic_top, FLAGS.hlo_dir, FLAGS.time_top)
 
 
 if __name__ == "__main__":

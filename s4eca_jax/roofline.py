@@ -16,17 +16,22 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Public per-chip peaks: dense bf16 matmul FLOP/s, HBM bytes/s, HBM bytes."""
+  """Public per-chip peaks: dense bf16 matmul FLOP/s, HBM bytes/s, HBM bytes; for TPUs
+  whose compiler's cycle estimates we convert to time, the TensorCore clock."""
 
   bf16_flops: float
   hbm_bandwidth: float
   hbm_bytes: float
+  clock_hz: float | None = None
 
 
 CHIPS = {  # datasheet numbers (Cloud TPU system architecture pages; NVIDIA datasheets)
     "v4": Chip(275e12, 1228e9, 32 * GiB),
-    "v5e": Chip(197e12, 819e9, 16 * GiB),
-    "v5p": Chip(459e12, 2765e9, 95 * GiB),
+    # Clocks: the peak over the MXUs' bf16 FLOPs per cycle (128 x 128 multiply-adds each):
+    # v5e 197e12 / (4 MXUs x 32,768) = 1.5 GHz; v5p 459e12 / (2 cores x 4 x 32,768) = 1.75
+    # GHz. tests/test_aot.py checks them against the cycles XLA estimates for a big matmul.
+    "v5e": Chip(197e12, 819e9, 16 * GiB, 1.5e9),
+    "v5p": Chip(459e12, 2765e9, 95 * GiB, 1.75e9),
     "v6e": Chip(918e12, 1640e9, 32 * GiB),
     "A100": Chip(312e12, 2039e9, 80 * GiB),  # SXM 80 GB
     "H100": Chip(989e12, 3350e9, 80 * GiB),  # SXM, dense
@@ -195,21 +200,9 @@ def _source(attributes: str, depth: int) -> str:
   return ("backward " if "transpose(" in path else "forward ") + "/".join(parts[:depth])
 
 
-def traffic_by_source(hlo: str, depth: int = 3, hbm_only: bool = False) -> dict[str, float]:
-  """Bytes each module path moves: for every top-level instruction of optimised HLO (a
-  fusion counts as one), its operands plus its result, grouped by the op_name metadata's
-  first `depth` module names and by forward / backward.
-
-  A fusion that reads a slice of a big operand is charged the whole operand here, where
-  XLA's cost analysis charges what it uses. With hbm_only=False every memory space counts
-  and async copies between memory spaces (copy-start, slice-start) are charged their
-  destination twice: the sum approximates XLA's "bytes accessed" (50.5 of 58.5 GB for the
-  rrsisd train step on v5e), and the ranking says where the traffic is. With hbm_only=True
-  only arrays whose layout is in HBM count: an operand that XLA prefetched into TPU VMEM
-  (layout S(1)) costs the op nothing, and an async copy costs its destination's size once
-  per HBM side (a prefetch reads HBM, an eviction writes it). That is the traffic the
-  roofline's bandwidth limits; XLA's "bytes accessed" counts on-chip accesses as well.
-  """
+def _top_level(hlo: str) -> tuple[dict, list[tuple[str, str, str, str]]]:
+  """Parses optimised HLO text: ({name: arrays of its result}, [(name, opcode, operands,
+  attributes)] of every instruction outside fused computations, in program order)."""
   types, fused, computations = {}, set(), []
   for block in re.split(r"\n(?=\S)", hlo):
     lines = []
@@ -225,29 +218,80 @@ def traffic_by_source(hlo: str, depth: int = 3, hbm_only: bool = False) -> dict[
     head = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
     if head:
       computations.append((head.group(1), lines))
+  return types, [line for computation, lines in computations if computation not in fused
+                 for line in lines]
+
+
+def traffic_by_source(hlo: str, depth: int = 3, hbm_only: bool = False) -> dict[str, float]:
+  """Bytes each module path moves: for every top-level instruction of optimised HLO (a
+  fusion counts as one), its operands plus its result, grouped by the op_name metadata's
+  first `depth` module names and by forward / backward.
+
+  A fusion that reads a slice of a big operand is charged the whole operand here, where
+  XLA's cost analysis charges what it uses. With hbm_only=False every memory space counts
+  and async copies between memory spaces (copy-start, slice-start) are charged their
+  destination twice: the sum approximates XLA's "bytes accessed" (50.5 of 58.5 GB for the
+  rrsisd train step on v5e), and the ranking says where the traffic is. With hbm_only=True
+  only arrays whose layout is in HBM count: an operand that XLA prefetched into TPU VMEM
+  (layout S(1)) costs the op nothing, and an async copy costs its destination's size once
+  per HBM side (a prefetch reads HBM, an eviction writes it). That is the traffic the
+  roofline's bandwidth limits; XLA's "bytes accessed" counts on-chip accesses as well.
+  """
+  types, instructions = _top_level(hlo)
   counted = lambda arrays: sum(size for size, _, on_chip in arrays
                                if not (hbm_only and on_chip))
   out: dict[str, float] = {}
-  for computation, lines in computations:
-    if computation in fused:
+  for name, opcode, operands, attributes in instructions:
+    if opcode in _NO_TRAFFIC or opcode in ("copy-done", "slice-done"):  # at their start
       continue
-    for name, opcode, operands, attributes in lines:
-      if opcode in _NO_TRAFFIC or opcode in ("copy-done", "slice-done"):  # at their start
-        continue
-      if opcode in ("copy-start", "slice-start"):  # async copy into another memory space
-        # copy-start: (destination, source, context); slice-start: ((source), destination,
-        # context). The destination's bytes are read once and written once.
-        arrays = types[name]
-        source, destination = (arrays[1], arrays[0]) if opcode == "copy-start" else (
-            arrays[0], arrays[1])
-        if hbm_only:
-          moved = destination[0] * ((not source[2]) + (not destination[2]))
-        else:
-          moved = 2 * destination[0]
-        key = "memory-space copies (copy-start, slice-start)"
+    if opcode in ("copy-start", "slice-start"):  # async copy into another memory space
+      # copy-start: (destination, source, context); slice-start: ((source), destination,
+      # context). The destination's bytes are read once and written once.
+      arrays = types[name]
+      source, destination = (arrays[1], arrays[0]) if opcode == "copy-start" else (
+          arrays[0], arrays[1])
+      if hbm_only:
+        moved = destination[0] * ((not source[2]) + (not destination[2]))
       else:
-        moved = counted(types[name]) + sum(
-            counted(types.get(o, [])) for o in re.findall(r"%([\w.\-]+)", operands))
-        key = _source(attributes, depth)
-      out[key] = out.get(key, 0.0) + moved
+        moved = 2 * destination[0]
+      key = "memory-space copies (copy-start, slice-start)"
+    else:
+      moved = counted(types[name]) + sum(
+          counted(types.get(o, [])) for o in re.findall(r"%([\w.\-]+)", operands))
+      key = _source(attributes, depth)
+    out[key] = out.get(key, 0.0) + moved
+  return out
+
+
+KERNEL_ROOFLINE = " [Pallas kernels: roofline of their cost estimates]"
+
+
+def time_by_source(hlo: str, chip: Chip, depth: int = 3) -> dict[str, float]:
+  """Seconds each module path takes by XLA's TPU cost model, grouped like traffic_by_source.
+
+  The TPU compiler writes an `estimated_cycles` into the backend config of every top-level
+  op it schedules (fusions, convolutions, copies, reductions); at the chip's clock, ops one
+  after another (a TensorCore runs them in turn; async copies overlap them and carry no
+  cycles). Custom calls carry no cycles: a Pallas kernel that gives XLA a cost estimate is
+  charged its roofline, max(FLOPs / peak, bytes / bandwidth), under its module path plus
+  KERNEL_ROOFLINE; that is a lower bound on its time. Other custom calls are not charged.
+  """
+  if not chip.clock_hz:
+    raise ValueError("time_by_source needs the chip's clock (Chip.clock_hz)")
+  out: dict[str, float] = {}
+  for _, opcode, _, attributes in _top_level(hlo)[1]:
+    cycles = re.search(r'"estimated_cycles":"(\d+)"', attributes)
+    if cycles:
+      key, seconds = _source(attributes, depth), int(cycles.group(1)) / chip.clock_hz
+    elif opcode == "custom-call" and '"cost_estimate"' in attributes:
+      estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"[^}]*"bytes_accessed":"(\d+)"',
+                           attributes)
+      if not estimate:
+        continue
+      key = _source(attributes, depth) + KERNEL_ROOFLINE
+      seconds = max(int(estimate.group(1)) / chip.bf16_flops,
+                    int(estimate.group(2)) / chip.hbm_bandwidth)
+    else:
+      continue
+    out[key] = out.get(key, 0.0) + seconds
   return out

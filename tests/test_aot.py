@@ -34,7 +34,8 @@ def test_topology_names():
                     "TPU compiler on this host")
 def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   config = run_fixtures.config("rrsisd", "variant=tiny")
-  results = aot.run(config, "v5e:2x2", batch_size=8, with_eval=False, traffic_top=5)
+  results = aot.run(config, "v5e:2x2", batch_size=8, with_eval=False, traffic_top=5,
+                    time_top=3)
   out = capsys.readouterr().out
   assert "4 x TPU v5 lite (v5e)" in out
   for line in ("memory per chip: arguments", "roofline: compute", "collectives: ",
@@ -57,6 +58,13 @@ def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   ranking = out.split("traffic by module", 1)[1].splitlines()[1:6]
   assert any("backward decoder/" in line for line in ranking), ranking
   assert all(" GB " in line for line in ranking), ranking
+  # The compiler's per-op cycles plus the kernels at their roofline: a step time that is
+  # at least the compute roofline, with the kernels a part of it.
+  assert "XLA's per-op cost model:" in out
+  assert 0 < train["model_kernel_seconds"] < train["model_seconds"]
+  assert train["model_seconds"] >= train["flops"] / roofline.CHIPS["v5e"].bf16_flops
+  timing = out.split("time by module", 1)[1].splitlines()[1:4]
+  assert all(" ms " in line for line in timing), timing
 
 
 HLO = """\
@@ -94,6 +102,48 @@ def test_hbm_traffic_counts_only_arrays_outside_vmem():
   every = roofline.traffic_by_source(HLO)
   assert every["memory-space copies (copy-start, slice-start)"] == 6 * kib
   assert every["forward decoder/add"] == 6 * kib
+
+
+TIMED_HLO = """\
+ENTRY %main (p0: bf16[512,512]) -> bf16[512,512] {
+  %p0 = bf16[512,512]{1,0} parameter(0)
+  %fusion = bf16[512,512]{1,0} fusion(%p0), kind=kOutput, calls=%f, metadata={op_name="jit(step)/jvp(step)/decoder/ffn/dot_general"}, backend_config={"window_config":{"estimated_cycles":"3000000","iteration_bounds":["4"]}}
+  %fusion.1 = bf16[512,512]{1,0} fusion(%fusion), kind=kLoop, calls=%g, metadata={op_name="jit(step)/transpose(jvp(step))/decoder/ffn/dot_general"}, backend_config={"window_config":{"estimated_cycles":"1500000"}}
+  %copy-start = (bf16[512,512]{1,0:S(1)}, bf16[512,512]{1,0}, u32[]{:S(2)}) copy-start(%fusion.1)
+  %kernel = bf16[512,512]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call", metadata={op_name="jit(step)/jvp(step)/decoder/attn/pallas_call"}, backend_config={"custom_call_config":{"body":"x","cost_estimate":{"flops":"197000000000","transcendentals":"5","bytes_accessed":"1638000000"}}}
+  ROOT %concat = bf16[512,512]{1,0} custom-call(%kernel), custom_call_target="ConcatBitcast"
+}
+"""
+
+
+def test_time_by_source_reads_the_compilers_cycles_and_prices_kernels_at_their_roofline():
+  """v5e: 1.5 GHz, 197 TFLOP/s, 819 GB/s. The kernel's 0.197 TFLOP take 1 ms, its 1.638 GB
+  2 ms: it is charged 2 ms; the copy and the custom call without an estimate nothing."""
+  chip = roofline.CHIPS["v5e"]
+  times = roofline.time_by_source(TIMED_HLO, chip)
+  assert times == pytest.approx({
+      "forward decoder/ffn/dot_general": 2e-3, "backward decoder/ffn/dot_general": 1e-3,
+      "forward decoder/attn/pallas_call" + roofline.KERNEL_ROOFLINE: 2e-3})
+  with pytest.raises(ValueError, match="clock"):
+    roofline.time_by_source(TIMED_HLO, roofline.CHIPS["H100"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install 's4eca-jax[tpu]'): no XLA "
+                    "TPU compiler on this host")
+@pytest.mark.parametrize("generation", ["v5e", "v5p"])
+def test_chip_clocks_match_the_compilers_cycles_for_a_big_matmul(generation):
+  """A 4096^3 bf16 matmul on one chip: the compiler's estimated cycles at the table's clock
+  are within 15% above the matmul's time at the public peak (the MXUs nearly full). A
+  clock off by a generation's ratio (1.5 against 1.75 GHz) falls outside."""
+  devices = aot.target_devices(f"{generation}:2x2" + ("x1" if generation == "v5p" else ""))
+  sharding = jax.sharding.SingleDeviceSharding(devices[0])
+  x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=sharding)
+  hlo = jax.jit(jnp.matmul).lower(x, x).compile().as_text()
+  chip = roofline.CHIPS[generation]
+  seconds = sum(roofline.time_by_source(hlo, chip).values())
+  peak_seconds = 2 * 4096**3 / chip.bf16_flops
+  assert 1.0 <= seconds / peak_seconds <= 1.15, seconds / peak_seconds
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
