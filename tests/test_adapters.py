@@ -208,7 +208,7 @@ def test_depthwise_conv_accumulates_in_f32_at_bf16(conv):
 
 def test_depthwise_implementation_resolves_and_reaches_the_adapter():
   assert layers.resolve_depthwise("auto", "cpu") == "shifted"
-  assert layers.resolve_depthwise("auto", "tpu") == "shifted"
+  assert layers.resolve_depthwise("auto", "tpu") == "grouped"
   assert layers.resolve_depthwise("auto", "gpu") == "grouped"
   assert layers.resolve_depthwise("grouped", "tpu") == "grouped"
   with pytest.raises(ValueError, match="depthwise='conv'; use 'auto' or one of"):

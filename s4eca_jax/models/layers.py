@@ -398,12 +398,14 @@ def resolve_depthwise(name: str, backend: str) -> str:
 
   "auto" picks by backend (bench/RESULTS.md). GPU: grouped, cuDNN's depthwise kernels
   (rrsisd train step, batch 32, one H200: 406.9 images/s against 383.0 for shifted sums,
-  whose backward was 12.6 of 72.4 ms of device time in a profile). TPU: shifted sums
-  (rrsisd, v5e 2x2, compiled ahead of time: grouped moves only 0.3% fewer bytes). CPU:
-  shifted sums (the demo's step on 2 cores: no difference beyond the noise).
+  whose backward was 12.6 of 72.4 ms of device time in a profile). TPU: grouped (rrsisd,
+  v5e 2x2, compiled ahead of time: the adapters take 10.0 instead of 15.2 ms of the step
+  by the compiler's own per-op cycle estimates, 56.9 against 62.2 ms in all; the bytes
+  moved are about equal). CPU: shifted sums (the demo's step on 2 cores: no difference
+  beyond the noise).
   """
   if name == "auto":
-    return "grouped" if backend in GPU_BACKENDS else "shifted"
+    return "grouped" if backend in GPU_BACKENDS + ("tpu",) else "shifted"
   if name not in DEPTHWISE_IMPLEMENTATIONS:
     raise ValueError(f"config.model.visual_adapter.depthwise={name!r}; use 'auto' or one of "
                      f"{DEPTHWISE_IMPLEMENTATIONS}.")
