@@ -268,3 +268,23 @@ def test_bad_configs_raise_clear_errors():
   with pytest.raises(ValueError, match="multiple of the patch size"):
     encoder.init(jax.random.PRNGKey(0), jnp.ones((1, 10, 8, 3)))
 
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_patch_embed_is_the_strided_conv(use_bias):
+  """PatchEmbed (one matmul over flattened patches) has nn.Conv's parameters, init and
+  output for a (p, p) kernel at stride p: checkpoints load into it unchanged."""
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 42, 3))
+  conv = nn.Conv(16, (14, 14), strides=(14, 14), padding="VALID", use_bias=use_bias)
+  ours = layers.PatchEmbed(16, 14, use_bias=use_bias)
+  params = conv.init(jax.random.PRNGKey(1), images)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), images)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_array_equal(ours.init(jax.random.PRNGKey(1), images)["params"]["kernel"],
+                                params["params"]["kernel"])
+  if use_bias:
+    params = jax.tree.map(lambda x: x + 0.5, params)  # a non-zero bias must be added
+  out = ours.apply(params, images)
+  assert out.shape == (2, 2, 3, 16)
+  np.testing.assert_allclose(out, conv.apply(params, images), atol=1e-5, rtol=1e-5)
+

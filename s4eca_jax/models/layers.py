@@ -233,6 +233,33 @@ def _project_heads_first(x, kernel, bias, num_heads: int, dtype):
   return out + bias.reshape(num_heads, 1, -1).astype(dtype)
 
 
+class PatchEmbed(nn.Module):
+  """nn.Conv with a (p, p) kernel at stride p and no padding, as one matmul over each
+  patch's p * p * C values: nn.Conv's parameters (kernel (p, p, C, D), bias (D,)), init
+  and sums. On TPU the strided convolution first copies the (B, H, W, 3) image into a
+  batch-minor layout: for the rrsisd image encoder on v5e (8 images per chip) the
+  compiler's cycle estimates give that copy and the convolution 2.3 ms, the matmul 0.2 ms.
+  """
+
+  features: int
+  patch_size: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """images (B, H, W, C), H and W multiples of patch_size -> (B, H / p, W / p, D)."""
+    batch, height, width, channels = images.shape
+    p = self.patch_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (p, p, channels, self.features))
+    patches = images.astype(self.dtype).reshape(batch, height // p, p, width // p, p, channels)
+    out = jnp.einsum("bipjqc,pqcd->bijd", patches, kernel.astype(self.dtype))
+    if self.use_bias:
+      out = out + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return out
+
+
 class GroupNorm(nn.Module):
   """GroupNorm with nn.GroupNorm's parameters, init, epsilon and (fast) variance.
 

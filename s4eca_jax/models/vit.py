@@ -120,9 +120,8 @@ class VisionTransformer(nn.Module):
     batch = images.shape[0]
     grid = self.grid_size(images.shape[1], images.shape[2])
     images = images.astype(self.dtype)
-    patches = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                      padding="VALID", use_bias=not is_clip, dtype=self.dtype,
-                      name="patch_embed")(images)
+    patches = layers.PatchEmbed(self.width, self.patch_size, use_bias=not is_clip,
+                                dtype=self.dtype, name="patch_embed")(images)
     patches = patches.reshape(batch, -1, self.width)  # (B, N, D)
 
     init = nn.initializers.normal(0.02)
