@@ -21,8 +21,19 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+  """Exact GELU as PyTorch writes it (nn.GELU(), HF "gelu"): x * (1 + erf(x / sqrt(2))) / 2.
+
+  jax.nn.gelu(approximate=False) computes the same function through erfc, whose
+  derivative keeps a sign bit per element for the backward: on TPU, packing and reading
+  those bits made one frozen MLP of the rrsisd image encoder (8 images per chip, forward
+  and input gradient) 1.92 ms by the compiler's cycle estimates, 1.07 ms in this form.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu": exact erf form.
+    "gelu": gelu,  # HF "gelu": exact erf form.
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
