@@ -41,8 +41,8 @@ def main():
   devices = aot.target_devices(args.topology)
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ("data",))
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  x = jax.ShapeDtypeStruct((args.batch, args.heads, args.length, args.head_dim),
-                           jnp.bfloat16, sharding=data)
+  x = jax.ShapeDtypeStruct((args.batch, args.length, args.heads, args.head_dim),
+                           jnp.bfloat16, sharding=data)  # q, k, v as the projections give them
 
   def input_grads(q, k, v):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -149,17 +149,18 @@ def test_chip_clocks_match_the_compilers_cycles_for_a_big_matmul(generation):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install 's4eca-jax[tpu]'): no XLA "
                     "TPU compiler on this host")
-def test_pallas_attention_on_tpu_has_no_layout_copies_and_compact_statistics():
-  """Compiled for v5e, Pallas attention's forward and backward move no (B, T, heads,
-  head_dim) array between layouts: the projections write the kernel's heads-first layout
-  (through dot_product_attention's (B, T, heads, head_dim) route: 8 such copies); and the
-  project's kernels keep one statistic per row."""
+def test_pallas_attention_on_tpu_is_token_major_with_compact_statistics():
+  """Compiled for v5e, Pallas attention's forward and backward run on the projections'
+  own (B, T, heads * head_dim) arrays: no array with a 64-wide minor dimension (a
+  heads-first (B, heads, T, 64) layout, half-empty 128-lane tiles), no 4-D copy or
+  transpose between layouts; and the project's kernels keep one statistic per row and
+  head. With jax's kernel (heads-first, forced by a 0 length limit) both checks fail."""
   devices = aot.target_devices("v5e:2x2")
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ("data",))
   placed = lambda tree, spec: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)), tree)
   module = layers.MultiHeadAttention(4, attention="pallas", dtype=jnp.bfloat16)
-  tokens = jnp.zeros((8, 200, 256), jnp.float32)  # 200 tokens: padded to 256 for the kernel
+  tokens = jnp.zeros((8, 200, 256), jnp.float32)  # 4 heads of 64: two per kernel step
   params = placed(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens)),
                   jax.sharding.PartitionSpec())
 
@@ -170,6 +171,8 @@ def test_pallas_attention_on_tpu_has_no_layout_copies_and_compact_statistics():
   hlo = jax.jit(input_grad).lower(
       params, placed(tokens, jax.sharding.PartitionSpec("data"))).compile().as_text()
   assert "s4eca_flash_backward" in hlo
+  heads_first = re.findall(r"(?:bf16|f32)\[\d+,\d+,\d+,64\]", hlo)
+  assert not heads_first, heads_first[:4]
   moves = re.findall(r"= (?:bf16|f32)\[\d+,\d+,\d+,\d+\]\S* (copy|transpose)\(", hlo)
   assert not moves, moves
   # The row statistics are lane-dense (B, heads, 1, T), not repeated over 128 lanes as in

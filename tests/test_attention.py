@@ -101,29 +101,40 @@ def test_pallas_gradients_match_xla(pallas_kernel):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("length", [640, 600])
-def test_flash_kernels_match_reference(causal, length):
-  """flash.py on its own, heads-first, five blocks of 128 queries (at 600 the last one runs
-  40 rows past the end): outputs and gradients of q, k, v against autodiff of the plain
-  reference, with a padded sentence."""
-  assert flash.block_q(length, length) == 128
+@pytest.mark.parametrize("length,heads,head_dim", [(640, 4, 64), (600, 4, 64), (200, 1, 128)])
+def test_flash_kernels_match_reference(causal, length, heads, head_dim):
+  """flash.py on its own, token-major (B, T, heads * head_dim): 4 heads of 64 run as two
+  blocks of 128 lanes, two heads each, over five blocks of 128 queries (at 600 the last one
+  runs 40 rows past the end); one head of 128 fills its block (200 queries, one step). Outputs and gradients of q,
+  k, v against autodiff of the plain reference, with a padded sentence."""
+  assert flash.block_q(length, length) == (128 if length > 512 else length)
   rng = np.random.default_rng(4)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 2, length, 16)), jnp.float32)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, length, heads * head_dim)), jnp.float32)
              for _ in range(3))
   valid = np.ones((2, length), bool)
-  valid[1, 500:] = False
+  valid[1, length - 100:] = False
   valid = jnp.asarray(valid)
-  heads_last = lambda x: jnp.swapaxes(x, 1, 2)
-  reference = lambda q, k, v: heads_last(_reference(
-      heads_last(q), heads_last(k), heads_last(v), valid, causal))
+  split = lambda x: x.reshape(2, length, heads, head_dim)
+  reference = lambda q, k, v: _reference(split(q), split(k), split(v), valid,
+                                         causal).reshape(q.shape)
   sums = lambda attend: (lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v))))
-  kernels = lambda q, k, v: flash.flash_attention(q, k, v, valid, causal=causal)
+  kernels = lambda q, k, v: flash.flash_attention(q, k, v, valid, num_heads=heads,
+                                                  causal=causal)
   with pltpu.force_tpu_interpret_mode():
     got = jax.block_until_ready(
         (kernels(q, k, v), jax.grad(sums(kernels), argnums=(0, 1, 2))(q, k, v)))
   np.testing.assert_allclose(got[0], reference(q, k, v), atol=1e-5)
   for g, w in zip(got[1], jax.grad(sums(reference), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_flash_block_width():
+  assert flash.block_width(768, 64) == 128  # DINOv2-B: two heads per kernel step
+  assert flash.block_width(512, 64) == 128  # CLIP text
+  assert flash.block_width(256, 128) == 128
+  assert flash.block_width(1280, 80) == 640  # 8 heads: the narrowest multiple of 128
+  assert flash.block_width(112, 56) == 112  # narrower than 128: the whole width, two heads
+  assert flash.block_width(16, 8) == 16
 
 
 def test_flash_query_blocks():
@@ -199,9 +210,9 @@ def test_fused_qkv_same_params_same_output():
 
 @pytest.mark.parametrize("fused,cross", [(False, False), (True, False), (False, True)])
 def test_pallas_module_matches_xla_module(fused, cross):
-  """MultiHeadAttention(attention="pallas") projects heads-first around the kernel: same
-  parameters, same outputs and input gradients as the XLA route (a cross-attention with a
-  padded sentence and an all-padding row included)."""
+  """MultiHeadAttention(attention="pallas"): same parameters, same outputs and input
+  gradients as the XLA route (a cross-attention with a padded sentence and an all-padding
+  row included)."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((4, 29, 16)), jnp.float32)
   context = jnp.asarray(rng.standard_normal((4, 11, 12)), jnp.float32)

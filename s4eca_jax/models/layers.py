@@ -100,29 +100,35 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _pallas_attention(query, key, value, key_mask, is_causal):
-  """TPU flash attention on heads-first (B, heads, T, head_dim) at their own lengths.
+  """TPU flash attention on (B, T, heads, head_dim) at their own lengths.
 
-  Up to flash.PALLAS_MAX_LENGTH keys: the project's kernels (flash.py: any length, lane-
-  dense row statistics, one backward kernel). Longer sequences: jax's Pallas kernel, on
-  sequences padded to its block, whose segment ids carry the masks: a query attends keys
-  of its own segment, so valid queries (segment 1) see valid keys and padding queries
-  (segment 0) see padding keys only.
+  Up to flash.PALLAS_MAX_LENGTH keys: the project's kernels (flash.py) on the projections'
+  own token-major layout, (B, T, heads * head_dim): any length, lane-dense row statistics,
+  one backward kernel. Longer sequences: jax's Pallas kernel, heads-first, on sequences
+  padded to its block, whose segment ids carry the masks: a query attends keys of its own
+  segment, so valid queries (segment 1) see valid keys and padding queries (segment 0)
+  see padding keys only.
   """
   from s4eca_jax.models import flash  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
 
-  batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+  batch, q_len, heads = query.shape[:3]
+  k_len = key.shape[1]
   key_valid = _key_valid(key_mask, batch, k_len)
   if flash.supports(k_len):
-    return _per_device(lambda q, k, v, valid: flash.flash_attention(
-        q, k, v, valid, causal=is_causal), query, key, value, key_valid)
+    flat = lambda x: x.reshape(x.shape[:2] + (-1,))
+    out = _per_device(lambda q, k, v, valid: flash.flash_attention(
+        q, k, v, valid, num_heads=heads, causal=is_causal),
+                      flat(query), flat(key), flat(value), key_valid)
+    return out.reshape(query.shape)
   q_padded, k_padded = _round_up(q_len, PALLAS_BLOCK), _round_up(k_len, PALLAS_BLOCK)
-  pad = lambda x, n: pad_tokens(x, n, axis=2)
+  heads_first = lambda x, n: jnp.swapaxes(pad_tokens(x, n), 1, 2)  # (B, heads, T, head_dim)
   segments = lambda valid, n: pad_tokens(valid, n).astype(jnp.int32)
   query_valid = jnp.ones((batch, q_len), bool)
   out = _per_device(functools.partial(_jax_flash, is_causal=is_causal),
-                    pad(query, q_padded), pad(key, k_padded), pad(value, k_padded),
+                    heads_first(query, q_padded), heads_first(key, k_padded),
+                    heads_first(value, k_padded),
                     segments(query_valid, q_padded), segments(key_valid, k_padded))
-  return out[:, :, :q_len]
+  return jnp.swapaxes(out, 1, 2)[:, :q_len]
 
 
 def _jax_flash(q, k, v, q_segments, kv_segments, *, is_causal):
@@ -192,8 +198,7 @@ def dot_product_attention(query, key, value, *, key_mask=None, is_causal: bool =
   for cuDNN, which takes lengths). A row with no valid key (a padded evaluation example)
   attends to all keys instead: finite outputs that the caller discards, never NaN.
   cuDNN runs on sequences padded to a multiple of 64: padding keys are masked and padding
-  query rows dropped. Pallas: _pallas_attention (MultiHeadAttention calls it heads-first
-  itself, without this function's layout changes: MultiHeadAttention._pallas).
+  query rows dropped. Pallas: _pallas_attention.
   """
   batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
   if implementation == "xla":
@@ -202,9 +207,7 @@ def dot_product_attention(query, key, value, *, key_mask=None, is_causal: bool =
     raise ValueError(f"attention implementation {implementation!r}; use one of "
                      f"{ATTENTION_IMPLEMENTATIONS}.")
   if implementation == "pallas":
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-    return heads_first(_pallas_attention(heads_first(query), heads_first(key),
-                                         heads_first(value), key_mask, is_causal))
+    return _pallas_attention(query, key, value, key_mask, is_causal)
   q_padded = _round_up(q_len, CUDNN_LENGTH_MULTIPLE)
   k_padded = _round_up(k_len, CUDNN_LENGTH_MULTIPLE)
   query, key, value = (pad_tokens(x, n) for x, n in ((query, q_padded), (key, k_padded),
@@ -229,19 +232,9 @@ def _key_valid(key_mask, batch: int, k_len: int):
   return jnp.ones((batch, k_len), bool) if key_mask is None else _attendable(key_mask)
 
 
-def pad_tokens(x, length: int, axis: int = 1):
-  """Zero-pads the token axis of x (1: (B, T, ...); 2: heads-first) to `length`."""
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, length - x.shape[axis])
-  return jnp.pad(x, pads)
-
-
-def _project_heads_first(x, kernel, bias, num_heads: int, dtype):
-  """x (B, T, D) @ kernel (D, F) + bias -> (B, heads, T, F / heads), as nn.Dense computes
-  it, but written straight in the heads-first layout the TPU kernel takes."""
-  kernel = kernel.reshape(kernel.shape[0], num_heads, -1).astype(dtype)
-  out = jnp.einsum("btd,dhk->bhtk", x.astype(dtype), kernel)
-  return out + bias.reshape(num_heads, 1, -1).astype(dtype)
+def pad_tokens(x, length: int):
+  """Zero-pads the token axis of x (B, T, ...) to `length`."""
+  return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 class PatchEmbed(nn.Module):
@@ -332,8 +325,6 @@ class MultiHeadAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f"width {features} is not divisible by num_heads={self.num_heads}.")
     head_dim = features // self.num_heads
-    if self.attention == "pallas":
-      return self._pallas(inputs_q, inputs_kv, self_attention, key_mask, is_causal, features)
     dense = lambda name, n, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
     if self.fused_qkv and self_attention:
@@ -346,30 +337,6 @@ class MultiHeadAttention(nn.Module):
                                 implementation=self.attention)
     out = out.reshape(out.shape[:-2] + (features,))
     return dense("out", self.out_features or inputs_q.shape[-1])(out)
-
-  def _pallas(self, inputs_q, inputs_kv, self_attention, key_mask, is_causal, features):
-    """The same parameters and math on TPU's flash kernels, heads-first from end to end.
-
-    The projections write (B, heads, T, head_dim), the kernels' layout, and the output
-    projection reads it. Through dot_product_attention's (B, T, heads, head_dim) route,
-    XLA copies q, k, v and the output between layouts, forward and backward: the rrsisd
-    train step on v5e (8 images per chip, aot, with jax's kernel) moved 58.8 GB that way
-    and 50.0 GB this way, at the same FLOPs.
-    """
-    if self.fused_qkv and self_attention:
-      qkv = _project_heads_first(inputs_q, *_qkv_params(self, inputs_q.shape[-1], features),
-                                 3 * self.num_heads, self.dtype)
-      query, key, value = jnp.split(qkv, 3, axis=1)  # heads [q..., k..., v...]
-    else:
-      params = lambda name, x: DenseParams(features, name != "key" or self.key_bias,
-                                           name=name)(x.shape[-1])
-      query, key, value = (
-          _project_heads_first(x, *params(name, x), self.num_heads, self.dtype)
-          for name, x in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv)))
-    out = _pallas_attention(query, key, value, key_mask, is_causal)
-    kernel, bias = DenseParams(self.out_features or inputs_q.shape[-1], name="out")(features)
-    kernel = kernel.reshape(self.num_heads, -1, kernel.shape[-1]).astype(self.dtype)
-    return jnp.einsum("bhtk,hko->bto", out, kernel) + bias.astype(self.dtype)
 
 
 class DenseParams(nn.Module):
