@@ -1,6 +1,6 @@
 """One attention call's gradient, compiled for a TPU slice on this host: our flash kernels
 (models/flash.py) against jax's Pallas flash kernel, by XLA's bytes accessed, the HBM
-estimate, FLOPs and temporaries per chip.
+estimate, FLOPs, temporaries and (v5e, v5p) the compiler's cost model per chip.
 
     JAX_PLATFORMS=cpu python bench/attention_aot.py [--kernel own|jax] [--topology v5e:2x2]
         [--batch 32] [--heads 12] [--length 1029] [--head_dim 64] [--causal]
@@ -62,6 +62,13 @@ def main():
         f"estimate {hbm / 1e9:.3f} GB, {(cost['flops'] + added['flops']) / 1e12:.4f} TFLOP, "
         f"temporaries {roofline.memory_of(compiled)['temporaries'] / 2**30:.3f} GiB"
         + (f" (jax's kernels added analytically: {added['kernels']})" if added["kernels"] else ""))
+  _, chip = roofline.chip_of(devices[0])
+  if chip and chip.clock_hz:
+    times = roofline.time_by_source(hlo, chip)
+    kernels = sum(t for name, t in times.items() if name.endswith(roofline.KERNEL_ROOFLINE))
+    print(f"per chip, XLA's per-op cost model: {(sum(times.values()) - kernels) * 1e3:.3f} ms "
+          f"of XLA ops + {kernels * 1e3:.3f} ms of Pallas kernels (the roofline of the "
+          f"cost estimates they carry)")
 
 
 if __name__ == "__main__":
