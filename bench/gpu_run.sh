@@ -7,10 +7,11 @@
 # STEPs (default: default skeleton probe levers), each an s4eca_jax.bench run of the
 # rrsisd config, bf16, batch 32, --train_only, stand-in weights, synthetic batches:
 #   default   the defaults (on GPU: cuDNN flash attention, the adapters' depthwise convs as
-#             XLA's grouped convolution, frozen f32, no remat)
+#             XLA's grouped convolution, frozen weights in bf16, no remat)
 #   profile   the defaults with --profile: 3 steps traced; bench/profile_summary.py's table
-#   levers    frozen params in bf16 + image-encoder remat dots_no_batch (the memory levers)
-#   frozen_bf16, shifted (depthwise as shifted sums, the GPU default before 2026-11-28),
+#   levers    image-encoder remat dots_no_batch (the memory lever; frozen bf16 is the default)
+#   frozen_f32 (frozen weights in f32, the default before 2026-11-28), shifted (depthwise
+#             as shifted sums, the GPU default before 2026-11-28),
 #             bf16_residual (model.f32_residual=False), fused_qkv, xla_attention: one lever
 #             each
 #   skeleton  bench --skeleton: our image encoder alone as the step's cost skeleton (no
@@ -114,8 +115,8 @@ for step in "${@:-default skeleton probe levers}"; do
         bench profile --profile "$LOGS/profile"
         $PYTHON bench/profile_summary.py "$LOGS/profile" --top 40 > "$OUT/profile.txt" 2>&1
         head -30 "$OUT/profile.txt"; pack ;;
-      levers) bench levers --config.frozen_dtype=bfloat16 --config.image_encoder.remat=dots_no_batch ;;
-      frozen_bf16) bench frozen_bf16 --config.frozen_dtype=bfloat16 ;;
+      levers) bench levers --config.image_encoder.remat=dots_no_batch ;;
+      frozen_f32) bench frozen_f32 --config.frozen_dtype=float32 ;;
       shifted) bench shifted --config.model.visual_adapter.depthwise=shifted ;;
       bf16_residual) bench bf16_residual --config.model.f32_residual=False ;;
       fused_qkv) bench fused_qkv --config.model.fused_qkv=True ;;

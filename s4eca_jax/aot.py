@@ -2,7 +2,7 @@
 backend, with per-chip memory, cost, roofline and collectives. No weights, no data.
 
     JAX_PLATFORMS=cpu python -m s4eca_jax.aot --config configs/rrsisd.py --topology v5e-4 \
-        [--batch_size 32] [--config.frozen_dtype=bfloat16] [--fit=search]
+        [--batch_size 32] [--config.frozen_dtype=float32] [--fit=search]
     python -m s4eca_jax.aot --config configs/rrsisd.py --topology local   # this machine
 
 --topology: `local` (jax's devices), a Cloud TPU name `v5e-256`, `v6e-8` (chips) or

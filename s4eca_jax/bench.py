@@ -121,7 +121,7 @@ def skeleton_step(config: ml_collections.ConfigDict, mesh, backend: str | None =
   encoder = skeleton_encoder(config, backend)
   side = config.image_size
   abstract = layers.abstract_params(encoder, jnp.zeros((1, side, side, 3), jnp.float32))
-  frozen_dtype = jnp.dtype(config.get("frozen_dtype", "float32"))
+  frozen_dtype = run_setup.frozen_dtype(config, backend)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), abstract)
   shardings = sharding.param_shardings(abstract, mesh, config.get("fsdp_min_size", 2**18))
 

@@ -35,6 +35,28 @@ def test_frozen_bf16_and_abstract_build():
   assert shapes(abstract.state) == shapes(real.state)
 
 
+def test_frozen_dtype_auto_is_the_compute_dtype():
+  """Default "auto": frozen weights in bf16 where the step computes in bf16 (GPU, TPU), in
+  f32 on CPU; the abstract TPU build (what aot compiles) carries them in bf16."""
+  config = run_fixtures.config("rrsisd", "variant=tiny")
+  assert config.frozen_dtype == "auto"
+  assert run_setup.frozen_dtype(config, "cpu") == jnp.float32
+  assert run_setup.frozen_dtype(config, "tpu") == jnp.bfloat16
+  assert run_setup.frozen_dtype(config, "gpu") == jnp.bfloat16
+  mesh = sharding.make_mesh((("data", 1),))
+  tpu = run_setup.build(config, mesh, total_steps=10, abstract=True, backend="tpu")
+  assert _dtypes(tpu.frozen) == {jnp.dtype(jnp.bfloat16)}
+  assert _dtypes(tpu.state["params"]) == {jnp.dtype(jnp.float32)}
+  config.model.compute_dtype = "float32"  # f32 compute keeps f32 weights
+  assert run_setup.frozen_dtype(config, "tpu") == jnp.float32
+  config.frozen_dtype = "float32"
+  config.model.compute_dtype = "auto"
+  assert run_setup.frozen_dtype(config, "tpu") == jnp.float32
+  config.frozen_dtype = "half"
+  with pytest.raises(ValueError, match="frozen_dtype='half'; use 'auto'"):
+    run_setup.frozen_dtype(config, "cpu")
+
+
 def test_donation_switch():
   config = run_fixtures.config("rrsisd", "variant=tiny")
   mesh = sharding.make_mesh((("data", 1),))
