@@ -102,7 +102,7 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   # "xla" | "cudnn" | "pallas" everywhere (image encoder, decoder pixels, text tower).
   config.model.attention = "auto"
   config.model.fused_qkv = False  # self-attention q/k/v in one matmul (same params)
-  config.frozen_dtype = "auto"  # frozen encoder params: auto = the compute dtype, or float32/bfloat16
+  config.frozen_dtype = "auto"  # frozen encoder params: the compute dtype; float32, bfloat16
   config.donate_state = True  # the train step reuses the old state's buffers
   config.model.language_guidance = True  # False: no path from the expression to the output
   config.model.f32_residual = True  # encoders' residual stream in f32 at bf16 compute

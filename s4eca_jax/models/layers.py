@@ -115,11 +115,10 @@ def _pallas_attention(query, key, value, key_mask, is_causal):
   k_len = key.shape[1]
   key_valid = _key_valid(key_mask, batch, k_len)
   if flash.supports(k_len):
-    flat = lambda x: x.reshape(x.shape[:2] + (-1,))
-    out = _per_device(lambda q, k, v, valid: flash.flash_attention(
-        q, k, v, valid, num_heads=heads, causal=is_causal),
-                      flat(query), flat(key), flat(value), key_valid)
-    return out.reshape(query.shape)
+    flat = lambda x: x.reshape(x.shape[:2] + (-1,))  # (B, T, heads * head_dim): no copy
+    kernels = functools.partial(flash.flash_attention, num_heads=heads, causal=is_causal)
+    return _per_device(kernels, flat(query), flat(key), flat(value),
+                       key_valid).reshape(query.shape)
   q_padded, k_padded = _round_up(q_len, PALLAS_BLOCK), _round_up(k_len, PALLAS_BLOCK)
   heads_first = lambda x, n: jnp.swapaxes(pad_tokens(x, n), 1, 2)  # (B, heads, T, head_dim)
   segments = lambda valid, n: pad_tokens(valid, n).astype(jnp.int32)
@@ -353,18 +352,13 @@ class DenseParams(nn.Module):
     return kernel, bias
 
 
-def _qkv_params(module: MultiHeadAttention, in_features: int, features: int):
-  """The query, key and value Dense params (separate, as in checkpoints) concatenated for
-  one matmul: kernel (in_features, 3 * features), bias (3 * features,)."""
-  parts = [DenseParams(features, name != "key" or module.key_bias, name=name)(in_features)
-           for name in ("query", "key", "value")]
-  return (jnp.concatenate([k for k, _ in parts], axis=1),
-          jnp.concatenate([b for _, b in parts]))
-
-
 def _fused_projection(module: MultiHeadAttention, x, features: int):
-  """q, k, v of x from one matmul over the concatenated kernels (separate Dense params)."""
-  kernel, bias = _qkv_params(module, x.shape[-1], features)
+  """q, k, v of x from one matmul over the query, key and value kernels concatenated (the
+  params stay separate, as in checkpoints)."""
+  parts = [DenseParams(features, name != "key" or module.key_bias, name=name)(x.shape[-1])
+           for name in ("query", "key", "value")]
+  kernel = jnp.concatenate([k for k, _ in parts], axis=1)  # (in_features, 3 * features)
+  bias = jnp.concatenate([b for _, b in parts])
   qkv = jnp.dot(x.astype(module.dtype), kernel.astype(module.dtype)) + bias.astype(
       module.dtype)  # (B, T, 3 * features)
   return jnp.split(qkv, 3, axis=-1)
