@@ -154,7 +154,8 @@ def test_pallas_attention_on_tpu_is_token_major_with_compact_statistics():
   own (B, T, heads * head_dim) arrays: no array with a 64-wide minor dimension (a
   heads-first (B, heads, T, 64) layout, half-empty 128-lane tiles), no 4-D copy or
   transpose between layouts; and the project's kernels keep one statistic per row and
-  head. With jax's kernel (heads-first, forced by a 0 length limit) both checks fail."""
+  head. With jax's kernel (heads-first, forced by a 0 length limit) the first check
+  fails: bf16[2,4,256,64] and the like."""
   devices = aot.target_devices("v5e:2x2")
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ("data",))
   placed = lambda tree, spec: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
