@@ -229,7 +229,10 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                    f"{traffic_top}:")
       for source, moved in sorted(by_source.items(), key=lambda kv: -kv[1])[:traffic_top]:
         lines.append(f"    {moved / 1e9:8.2f} GB  {moved / total:5.1%}  {source}")
-  if time_top and chip and chip.clock_hz:
+  if time_top and not (chip and chip.clock_hz):
+    lines.append("  time by module: no cycle model for this target (--time_top needs TPU v5e or "
+                 "v5p)")
+  elif time_top:
     by_source = roofline.time_by_source(hlo, chip)
     total = sum(by_source.values())
     lines.append(f"  time by module (XLA's per-op cost model, as above; {total * 1e3:.1f} ms in "

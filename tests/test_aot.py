@@ -128,6 +128,15 @@ def test_time_by_source_reads_the_compilers_cycles_and_prices_kernels_at_their_r
     roofline.time_by_source(TIMED_HLO, roofline.CHIPS["H100"])
 
 
+def test_time_ranking_says_when_the_target_has_no_cycle_model():
+  """On CPU (or a GPU) there are no cycle estimates: --time_top says so instead of
+  printing nothing, and the step time is left out."""
+  compiled = jax.jit(lambda x: jnp.tanh(x) * 2).lower(jnp.zeros((4, 8))).compile()
+  lines, numbers = aot.describe("train", compiled, 4, 1, None, time_top=3)
+  assert any("no cycle model for this target" in line for line in lines), lines
+  assert "model_seconds" not in numbers
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install 's4eca-jax[tpu]'): no XLA "
                     "TPU compiler on this host")
