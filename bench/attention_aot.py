@@ -65,7 +65,7 @@ def main():
   _, chip = roofline.chip_of(devices[0])
   if chip and chip.clock_hz:
     times = roofline.time_by_source(hlo, chip)
-    kernels = sum(t for name, t in times.items() if name.endswith(roofline.KERNEL_ROOFLINE))
+    kernels = roofline.kernel_seconds(times)
     print(f"per chip, XLA's per-op cost model: {(sum(times.values()) - kernels) * 1e3:.3f} ms "
           f"of XLA ops + {kernels * 1e3:.3f} ms of Pallas kernels (the roofline of the "
           f"cost estimates they carry)")

@@ -197,10 +197,9 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                    f"ms -> {step_s * 1e3:.1f} ms/step, {batch_size / step_s:.0f} images/s "
                    f"({per_chip_images / step_s:.0f} per chip), bound by {bound}")
       numbers[key] = batch_size / step_s
-  if chip and chip.clock_hz:
-    by_source = roofline.time_by_source(hlo, chip)
-    kernel_s = sum(v for k, v in by_source.items() if k.endswith(roofline.KERNEL_ROOFLINE))
-    step_s = sum(by_source.values())
+  times = roofline.time_by_source(hlo, chip) if chip and chip.clock_hz else None
+  if times is not None:
+    kernel_s, step_s = roofline.kernel_seconds(times), sum(times.values())
     lines.append(f"  XLA's per-op cost model: {(step_s - kernel_s) * 1e3:.1f} ms of ops "
                  f"(the compiler's estimated cycles at {chip.clock_hz / 1e9:g} GHz, one op "
                  f"after another) + {kernel_s * 1e3:.1f} ms of Pallas kernels (roofline of "
@@ -229,15 +228,14 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                    f"{traffic_top}:")
       for source, moved in sorted(by_source.items(), key=lambda kv: -kv[1])[:traffic_top]:
         lines.append(f"    {moved / 1e9:8.2f} GB  {moved / total:5.1%}  {source}")
-  if time_top and not (chip and chip.clock_hz):
+  if time_top and times is None:
     lines.append("  time by module: no cycle model for this target (--time_top needs TPU v5e or "
                  "v5p)")
   elif time_top:
-    by_source = roofline.time_by_source(hlo, chip)
-    total = sum(by_source.values())
+    total = sum(times.values())
     lines.append(f"  time by module (XLA's per-op cost model, as above; {total * 1e3:.1f} ms in "
                  f"all), top {time_top}:")
-    for source, seconds in sorted(by_source.items(), key=lambda kv: -kv[1])[:time_top]:
+    for source, seconds in sorted(times.items(), key=lambda kv: -kv[1])[:time_top]:
       lines.append(f"    {seconds * 1e3:8.2f} ms  {seconds / total:5.1%}  {source}")
   return lines, numbers
 

@@ -295,3 +295,8 @@ def time_by_source(hlo: str, chip: Chip, depth: int = 3) -> dict[str, float]:
       continue
     out[key] = out.get(key, 0.0) + seconds
   return out
+
+
+def kernel_seconds(times: dict[str, float]) -> float:
+  """The Pallas kernels' part of time_by_source's result (their roofline)."""
+  return sum(t for source, t in times.items() if source.endswith(KERNEL_ROOFLINE))

@@ -182,14 +182,11 @@ def _cost(q, k, heads: int, flops_per_score: int, arrays) -> pl.CostEstimate:
                          bytes_accessed=sum(a.size * a.dtype.itemsize for a in arrays))
 
 
-def _statistic(q, heads: int):
-  return jax.ShapeDtypeStruct((q.shape[0], heads, 1, q.shape[1]), jnp.float32)
-
-
 def _forward(q, k, v, valid, scale, causal, heads):
   head_dim = q.shape[2] // heads
   bq, grid, (q_block, kv_block, valid_block, rows) = _plan(q, k, head_dim)
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), _statistic(q, heads)]
+  lse = jax.ShapeDtypeStruct((q.shape[0], heads, 1, q.shape[1]), jnp.float32)  # per row, head
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), lse]
   return pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, causal=causal, block_q=bq,
                         head_dim=head_dim),
