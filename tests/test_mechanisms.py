@@ -168,7 +168,7 @@ def _run_adapter(**fields):
       {"params": p}, n, **kwargs, mutable="intermediates",
       capture_intermediates=lambda mdl, _: isinstance(mdl, adapters.DenseMultiScale)))(params)
   ours = {name: state["intermediates"][name][0] for name in ("scale_weights", "spatial_maps")}
-  ours["branches"] = state["intermediates"]["multi_scale"]["__call__"][0]
+  ours["branches"] = jnp.stack(state["intermediates"]["multi_scale"]["__call__"][0], axis=3)
   reference, parts = visual_adapter_reference(
       _numpy(params), *_numpy((n, proxies)), cross_attention=fields.get("cross_attention", True),
       standardize=fields.get("spatial_standardize", True))

@@ -97,7 +97,13 @@ class TextualAdapter(nn.Module):
 
 class DenseMultiScale(nn.Module):
   """K branches on the patch grid; branch k sees the input and all earlier branches
-  (dense connectivity), 1x1 conv -> depthwise conv with kernel_sizes[k] -> GELU."""
+  (dense connectivity), 1x1 conv -> depthwise conv with kernel_sizes[k] -> GELU.
+
+  Branch k's 1x1 conv over [x, b_0, ..., b_(k-1)] (one Dense of (k+1) r inputs, as in
+  checkpoints) runs as a sum of per-input matmuls over row blocks of its kernel, in f32:
+  no concatenated copy of the inputs. The branches come back as a tuple of K (B, h, w, r)
+  maps, not stacked: on TPU a (..., K, r) axis pair pads K = 3 to a tile of 8 or 16.
+  """
 
   kernel_sizes: Sequence[int] = (3, 5, 7)
   dense: bool = True
@@ -105,17 +111,23 @@ class DenseMultiScale(nn.Module):
   depthwise: str = "shifted"  # layers.DEPTHWISE_IMPLEMENTATIONS
 
   @nn.compact
-  def __call__(self, x):
-    """x: (B, h, w, r) -> (B, h, w, K, r)."""
+  def __call__(self, x) -> tuple[jax.Array, ...]:
+    """x: (B, h, w, r) -> K maps (B, h, w, r)."""
     width = x.shape[-1]
     branches = []
     for i, size in enumerate(self.kernel_sizes):
-      inputs = jnp.concatenate([x] + branches, axis=-1) if self.dense else x
-      y = nn.Dense(width, dtype=self.dtype, name=f"branch_{i}_pointwise")(inputs)
+      inputs = [x] + branches if self.dense else [x]
+      kernel, bias = layers.DenseParams(width, name=f"branch_{i}_pointwise")(
+          width * len(inputs))
+      kernel = kernel.astype(self.dtype)
+      y = sum(jnp.dot(part.astype(self.dtype), kernel[j * width:(j + 1) * width],
+                      preferred_element_type=jnp.float32)
+              for j, part in enumerate(inputs))
+      y = (y + bias).astype(self.dtype)
       y = layers.DepthwiseConv(size, self.dtype, self.depthwise,
                                name=f"branch_{i}_depthwise")(y)
       branches.append(gelu(y))
-    return jnp.stack(branches, axis=3)
+    return tuple(branches)
 
 
 class VisualAdapter(nn.Module):
@@ -158,11 +170,13 @@ class VisualAdapter(nn.Module):
       proxies = nn.Dense(self.width, dtype=self.dtype, name="proxy_proj")(context)  # (B, Nq, r)
 
     branches = DenseMultiScale(self.kernel_sizes, self.dense_connectivity, self.dtype,
-                               self.depthwise, name="multi_scale")(patches)  # (B, h, w, K, r)
-    fused = branches.sum(axis=3)  # (B, h, w, r)
+                               self.depthwise, name="multi_scale")(patches)  # K x (B, h, w, r)
+    # Sums over the scales in f32, one map at a time: no (B, h, w, K, r) array.
+    fused = sum(b.astype(jnp.float32) for b in branches)  # (B, h, w, r)
 
     if self.scale_selection:
-      pooled = jnp.concatenate([fused.mean(axis=(1, 2)), proxies.mean(axis=1)], axis=-1)
+      pooled = jnp.concatenate([fused.mean(axis=(1, 2)).astype(self.dtype),
+                                proxies.mean(axis=1)], axis=-1)
       hidden = gelu(nn.Dense(self.width, dtype=self.dtype, name="scale_fc1")(pooled))
       logits = nn.Dense(num_scales * self.width, dtype=self.dtype, name="scale_fc2")(hidden)
       scale_weights = jax.nn.softmax(
@@ -173,8 +187,9 @@ class VisualAdapter(nn.Module):
 
     if self.spatial_selection:
       cosine = jnp.einsum("bhwc,bqc->bhwq", l2_normalize(fused), l2_normalize(proxies))
-      stats = jnp.concatenate([branches.mean(-1), branches.max(-1)], axis=-1)  # (B, h, w, 2K)
-      maps_in = jnp.concatenate([cosine, stats.astype(jnp.float32)], axis=-1)  # (B, h, w, Nq+2K)
+      stats = [b.astype(jnp.float32).mean(-1) for b in branches] + [
+          b.max(-1).astype(jnp.float32) for b in branches]  # 2K maps (B, h, w)
+      maps_in = jnp.concatenate([cosine, jnp.stack(stats, axis=-1)], axis=-1)  # (B, h, w, Nq+2K)
       if self.spatial_standardize:
         maps_in = standardize_over_space(maps_in)
       # Zero init: every map starts at 0.5 everywhere and learns where to select.
@@ -184,11 +199,12 @@ class VisualAdapter(nn.Module):
               maps_in.astype(self.dtype)).astype(jnp.float32))  # (B, h, w, K)
       self.sow("intermediates", "spatial_maps", spatial_maps)
     else:
-      spatial_maps = jnp.ones(branches.shape[:4])
+      spatial_maps = jnp.ones(branches[0].shape[:3] + (num_scales,))
 
-    selection = scale_weights[:, None, None] * spatial_maps[..., None]  # (B, h, w, K, r)
-    selected = (selection.astype(self.dtype) * branches).sum(axis=3)  # (B, h, w, r)
-    selected = selected.reshape(batch, -1, self.width)  # (B, N, r)
+    # sum_k alpha_k (per channel) * m_k (per pixel) * b_k, in f32.
+    selected = sum(scale_weights[:, None, None, k] * spatial_maps[..., k:k + 1]
+                   * b.astype(jnp.float32) for k, b in enumerate(branches))
+    selected = selected.astype(self.dtype).reshape(batch, -1, self.width)  # (B, N, r)
     if self.cross_attention:
       selected = selected + layers.MultiHeadAttention(
           self.num_heads, key_bias=False, dtype=self.dtype, name="cross_attn")(
