@@ -178,6 +178,27 @@ def test_depthwise_conv_equals_grouped_conv(size, implementation):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("size,use_bias", [(7, True), (4, False), (3, True)])
+def test_banded_conv_is_nn_conv(size, use_bias):
+  """BandedConv (one matmul per kernel row against a banded matrix) has nn.Conv's
+  parameters, init, outputs and gradients at stride 1, "SAME" padding, an even kernel
+  included, on a map narrower than the kernel too."""
+  for shape in [(2, 9, 6, 5), (1, 4, 3, 2)]:
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    ours = layers.BandedConv(3, size, use_bias=use_bias)
+    conv = nn.Conv(3, (size, size), padding="SAME", use_bias=use_bias)
+    params = conv.init(jax.random.PRNGKey(1), x)
+    mine = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(mine["params"]["kernel"], params["params"]["kernel"])
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
+    np.testing.assert_allclose(ours.apply(params, x), conv.apply(params, x), atol=1e-5)
+    loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+                    jax.tree.leaves(jax.grad(loss(conv), argnums=(0, 1))(params, x))):
+      np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize("conv", [layers.depthwise_conv, layers.grouped_depthwise_conv])
 def test_depthwise_conv_accumulates_in_f32_at_bf16(conv):
   """bf16 inputs: the output is the exact sum (f64 of the bf16 values) rounded once to

@@ -193,9 +193,9 @@ class VisualAdapter(nn.Module):
       if self.spatial_standardize:
         maps_in = standardize_over_space(maps_in)
       # Zero init: every map starts at 0.5 everywhere and learns where to select.
-      spatial_maps = jax.nn.sigmoid(nn.Conv(
-          num_scales, (self.spatial_kernel,) * 2, padding="SAME", dtype=self.dtype,
-          kernel_init=nn.initializers.zeros, name="spatial_conv")(
+      spatial_maps = jax.nn.sigmoid(layers.BandedConv(
+          num_scales, self.spatial_kernel, kernel_init=nn.initializers.zeros,
+          dtype=self.dtype, name="spatial_conv")(
               maps_in.astype(self.dtype)).astype(jnp.float32))  # (B, h, w, K)
       self.sow("intermediates", "spatial_maps", spatial_maps)
     else:
