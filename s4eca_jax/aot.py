@@ -44,7 +44,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from s4eca_jax import cli, metrics, partition, roofline, run_setup, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s4eca_jax import cli, kernel_profile, metrics, partition, roofline, run_setup, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from s4eca_jax.roofline import GiB, Chip  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def topology_shape(name: str) -> tuple[str, str]:
@@ -143,9 +143,10 @@ def compile_steps(config, devices, batch_size: int, *, with_eval: bool = True):
 
 def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None,
              traffic_top: int = 0, hlo_dir: str | None = None,
-             time_top: int = 0) -> tuple[list[str], dict]:
+             time_top: int = 0, kernel_cycles: dict | None = None) -> tuple[list[str], dict]:
   """Lines of the per-chip table for one compiled step, and its numbers; with `hlo_dir`,
-  the step's optimised HLO is also written there."""
+  the step's optimised HLO is also written there. kernel_cycles: kernel_profile.cycles's
+  prices of the Pallas kernels (others: their roofline)."""
   memory, cost = roofline.memory_of(compiled), roofline.cost_of(compiled)
   hlo = compiled.as_text()
   lines = []
@@ -197,15 +198,20 @@ def describe(name: str, compiled, batch_size: int, chips: int, chip: Chip | None
                    f"ms -> {step_s * 1e3:.1f} ms/step, {batch_size / step_s:.0f} images/s "
                    f"({per_chip_images / step_s:.0f} per chip), bound by {bound}")
       numbers[key] = batch_size / step_s
-  times = roofline.time_by_source(hlo, chip) if chip and chip.clock_hz else None
+  times = roofline.time_by_source(hlo, chip, kernel_cycles=kernel_cycles) if (
+      chip and chip.clock_hz) else None
   if times is not None:
     kernel_s, step_s = roofline.kernel_seconds(times), sum(times.values())
+    profiled_s = roofline.kernel_seconds(times, profiled=True)
     lines.append(f"  XLA's per-op cost model: {(step_s - kernel_s) * 1e3:.1f} ms of ops "
                  f"(the compiler's estimated cycles at {chip.clock_hz / 1e9:g} GHz, one op "
-                 f"after another) + {kernel_s * 1e3:.1f} ms of Pallas kernels (roofline of "
-                 f"their cost estimates) -> {step_s * 1e3:.1f} ms/step, "
+                 f"after another) + {kernel_s * 1e3:.1f} ms of Pallas kernels ("
+                 f"{profiled_s * 1e3:.1f} ms by the static profile of each kernel compiled "
+                 f"alone, {(kernel_s - profiled_s) * 1e3:.1f} ms at the roofline of their "
+                 f"cost estimates, a lower bound) -> {step_s * 1e3:.1f} ms/step, "
                  f"{batch_size / step_s:.0f} images/s ({per_chip_images / step_s:.0f} per chip)")
     numbers["model_seconds"], numbers["model_kernel_seconds"] = step_s, kernel_s
+    numbers["model_profiled_kernel_seconds"] = profiled_s
     numbers["model_images_per_s"] = batch_size / step_s
   if cost.get("optimal_seconds", 0) > 0:  # negative where the model cannot price the step
     lines.append(f"  XLA's own estimate of the step (cost model, Pallas kernels not included): "
@@ -281,8 +287,11 @@ def largest_batch(config, devices, per_chip: int, memory: dict, chip: Chip | Non
 
 def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
         with_eval: bool = True, traffic_top: int = 0,
-        hlo_dir: str | None = None, time_top: int = 0) -> dict[str, Any]:
-  """Compiles the steps, prints the table; returns its numbers."""
+        hlo_dir: str | None = None, time_top: int = 0,
+        profile_kernels: bool = True) -> dict[str, Any]:
+  """Compiles the steps, prints the table; returns its numbers. profile_kernels: on v5e
+  and v5p, price the Pallas kernels that record themselves by the compiler's static
+  profile (kernel_profile, a child process per abort; about a minute)."""
   if topology != "local" and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # a CPU host compiling for TPU
   devices = target_devices(topology)
@@ -291,6 +300,7 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
   chips = math.prod(dict(sharding.make_mesh(config.mesh, devices).shape).values())
   if batch_size % chips:
     raise SystemExit(f"error: batch {batch_size} is not divisible by the {chips} chips.")
+  kernel_profile.CALLS.clear()  # the kernels of these steps only
   compiled, mesh = compile_steps(config, devices, batch_size, with_eval=with_eval)
   print(f"target {topology}: {chips} x {devices[0].device_kind} ({chip_name or 'unknown'}), "
         f"mesh {dict(mesh.shape)}; jax {jax.__version__}; compile: train "
@@ -299,10 +309,18 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
   if chip:
     print(f"  {chip_name}: {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
           f"{chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, {chip.hbm_bytes / GiB:.0f} GiB (datasheet)")
+  kernel_cycles = None
+  if profile_kernels and topology != "local" and chip and chip.clock_hz and (
+      kernel_profile.CALLS):
+    start = time.time()
+    kernel_cycles, failures = kernel_profile.cycles(topology)
+    print(f"  Pallas kernels priced by the compiler's static profile, each compiled alone: "
+          f"{len(kernel_cycles)} of {len(kernel_profile.CALLS)} recorded "
+          f"({time.time() - start:.0f} s)" + "".join(f"; not priced: {f}" for f in failures))
   results = {"chips": chips, "chip": chip_name, "batch_size": batch_size}
   for name in ("train", "eval") if with_eval else ("train",):
     lines, numbers = describe(name, compiled[name], batch_size, chips, chip, traffic_top,
-                              hlo_dir, time_top)
+                              hlo_dir, time_top, kernel_cycles)
     print("\n".join(lines))
     results[name] = numbers
   memory = results["train"]["memory"]
@@ -327,6 +345,9 @@ def define_flags() -> None:
                        "that move the most bytes, in any memory space and in HBM only")
   flags.DEFINE_integer("time_top", 0, "also list the N module paths (forward/backward) that "
                        "take the most time by XLA's per-op cost model (TPU v5e, v5p)")
+  flags.DEFINE_bool("profile_kernels", True, "v5e, v5p: price the Pallas kernels that allow "
+                    "it by the compiler's static profile, each compiled alone in a child "
+                    "process (about a minute); --noprofile_kernels: all at their roofline")
 
 
 def main(argv) -> None:
@@ -336,7 +357,7 @@ def main(argv) -> None:
   except ValueError as error:
     raise cli.UsageError(str(error)) from None
   run(FLAGS.config, FLAGS.topology, FLAGS.batch_size, FLAGS.fit, not FLAGS.train_only,
-      FLAGS.traffic_top, FLAGS.hlo_dir, FLAGS.time_top)
+      FLAGS.traffic_top, FLAGS.hlo_dir, FLAGS.time_top, FLAGS.profile_kernels)
 
 
 if __name__ == "__main__":

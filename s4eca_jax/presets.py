@@ -115,7 +115,7 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
       width=16 if tiny else 112,  # r: adapters = 2.51% of the encoders (params CLI)
       scale=0.2,  # s in x <- x + LS(MLP(n) + s * A(n, P))
       kernel_sizes=(3, 5, 7),  # 2. depthwise kernels of the K branches
-      depthwise="auto",  # "shifted" sums | "grouped" XLA conv; auto: grouped on GPU/TPU
+      depthwise="auto",  # "shifted" sums | "grouped" XLA conv | "pallas" (TPU); auto: by backend
       dense_connectivity=True,  # 2. branch k also sees branches < k
       scale_selection=True,  # 3. False: uniform 1/K
       spatial_selection=True,  # 4. False: no spatial maps

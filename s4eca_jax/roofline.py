@@ -264,39 +264,65 @@ def traffic_by_source(hlo: str, depth: int = 3, hbm_only: bool = False) -> dict[
 
 
 KERNEL_ROOFLINE = " [Pallas kernels: roofline of their cost estimates]"
+KERNEL_PROFILED = " [Pallas kernels: static profile, each compiled alone]"
 
 
-def time_by_source(hlo: str, chip: Chip, depth: int = 3) -> dict[str, float]:
+def _result_types(hlo: str) -> dict[str, str]:
+  """{instruction: its (first) result type without layout, "bf16[8,1029,768]"}."""
+  out = {}
+  for line in hlo.split("\n"):
+    match = _INSTRUCTION.match(line)
+    array = match and _ARRAY.search(match.group(2))
+    if array:
+      out[match.group(1)] = f"{array.group(1)}[{array.group(2)}]"
+  return out
+
+
+def time_by_source(hlo: str, chip: Chip, depth: int = 3,
+                   kernel_cycles: dict | None = None) -> dict[str, float]:
   """Seconds each module path takes by XLA's TPU cost model, grouped like traffic_by_source.
 
   The TPU compiler writes an `estimated_cycles` into the backend config of every top-level
   op it schedules (fusions, convolutions, copies, reductions); at the chip's clock, ops one
   after another (a TensorCore runs them in turn; async copies overlap them and carry no
-  cycles). Custom calls carry no cycles: a Pallas kernel that gives XLA a cost estimate is
-  charged its roofline, max(FLOPs / peak, bytes / bandwidth), under its module path plus
-  KERNEL_ROOFLINE; that is a lower bound on its time. Other custom calls are not charged.
+  cycles). Pallas kernels carry no cycles in a normal compile. `kernel_cycles`
+  ({kernel_profile.key: cycles}, from kernel_profile.cycles) prices a kernel whose name
+  and operand types match, under its module path plus KERNEL_PROFILED. Any other kernel
+  that gives XLA a cost estimate is charged its roofline, max(FLOPs / peak, bytes /
+  bandwidth), a lower bound on its time, under its module path plus KERNEL_ROOFLINE.
+  Other custom calls are not charged.
   """
   if not chip.clock_hz:
     raise ValueError("time_by_source needs the chip's clock (Chip.clock_hz)")
+  results = _result_types(hlo) if kernel_cycles else {}
   out: dict[str, float] = {}
-  for _, opcode, _, attributes in _top_level(hlo)[1]:
+  for name, opcode, operands, attributes in _top_level(hlo)[1]:
     cycles = re.search(r'"estimated_cycles":"(\d+)"', attributes)
     if cycles:
       key, seconds = _source(attributes, depth), int(cycles.group(1)) / chip.clock_hz
     elif opcode == "custom-call" and '"cost_estimate"' in attributes:
-      estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"[^}]*"bytes_accessed":"(\d+)"',
-                           attributes)
-      if not estimate:
-        continue
-      key = _source(attributes, depth) + KERNEL_ROOFLINE
-      seconds = max(int(estimate.group(1)) / chip.bf16_flops,
-                    int(estimate.group(2)) / chip.hbm_bandwidth)
+      types = tuple(results.get(o) for o in re.findall(r"%([\w.\-]+)", operands))
+      profiled = [c for (kernel, shapes), c in (kernel_cycles or {}).items()
+                  if kernel in name and shapes == types]
+      if profiled:
+        key, seconds = _source(attributes, depth) + KERNEL_PROFILED, profiled[0] / chip.clock_hz
+      else:
+        estimate = re.search(
+            r'"cost_estimate":\{"flops":"(\d+)"[^}]*"bytes_accessed":"(\d+)"', attributes)
+        if not estimate:
+          continue
+        key = _source(attributes, depth) + KERNEL_ROOFLINE
+        seconds = max(int(estimate.group(1)) / chip.bf16_flops,
+                      int(estimate.group(2)) / chip.hbm_bandwidth)
     else:
       continue
     out[key] = out.get(key, 0.0) + seconds
   return out
 
 
-def kernel_seconds(times: dict[str, float]) -> float:
-  """The Pallas kernels' part of time_by_source's result (their roofline)."""
-  return sum(t for source, t in times.items() if source.endswith(KERNEL_ROOFLINE))
+def kernel_seconds(times: dict[str, float], profiled: bool | None = None) -> float:
+  """The Pallas kernels' part of time_by_source's result: all of it (profiled=None), the
+  kernels priced by their static profile (True) or at their roofline (False)."""
+  suffixes = {None: (KERNEL_ROOFLINE, KERNEL_PROFILED), True: (KERNEL_PROFILED,),
+              False: (KERNEL_ROOFLINE,)}[profiled]
+  return sum(t for source, t in times.items() if source.endswith(suffixes))

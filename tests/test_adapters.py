@@ -1,6 +1,7 @@
 """Textual and visual adapters on tiny sizes: shapes, identity at init, prefix bypass,
 scale weights, padding mask, zeroed proxies, ablation switches."""
 
+import contextlib
 import functools
 
 import flax
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from s4eca_jax import presets
 from s4eca_jax.models import adapters, layers, s4eca, vit
@@ -160,22 +163,60 @@ def test_textual_adapter_reads_valid_words_only():
     module.apply({"params": params}, {1: taps[1]}, mask)
 
 
+def _interpreted(implementation):
+  """The Pallas kernel runs in Pallas's interpreter on CPU."""
+  return (pltpu.force_tpu_interpret_mode() if implementation == "pallas"
+          else contextlib.nullcontext())
+
+
 @pytest.mark.parametrize("implementation", layers.DEPTHWISE_IMPLEMENTATIONS)
 @pytest.mark.parametrize("size", [3, 4, 7])
 def test_depthwise_conv_equals_grouped_conv(size, implementation):
-  """Both depthwise convs have nn.Conv's parameters, outputs and gradients."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 8))
+  """Every depthwise conv has nn.Conv's parameters, outputs and gradients (a width of 5:
+  the Pallas kernel's shifted copies wrap around and zero the wrapped columns)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 5, 8))
   ours = layers.DepthwiseConv(size, implementation=implementation)
   grouped = nn.Conv(8, (size, size), padding="SAME", feature_group_count=8)
-  params = ours.init(jax.random.PRNGKey(1), x)
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-      jnp.shape, grouped.init(jax.random.PRNGKey(1), x))
+  params = grouped.init(jax.random.PRNGKey(1), x)
   params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
-  np.testing.assert_allclose(ours.apply(params, x), grouped.apply(params, x), atol=1e-5)
   loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+  with _interpreted(implementation):
+    assert jax.tree.map(jnp.shape, jax.eval_shape(ours.init, jax.random.PRNGKey(1), x)) == (
+        jax.tree.map(jnp.shape, params))
+    out = jax.block_until_ready(ours.apply(params, x))
+    grads = jax.block_until_ready(jax.grad(loss(ours), argnums=(0, 1))(params, x))
+  np.testing.assert_allclose(out, grouped.apply(params, x), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads),
                   jax.tree.leaves(jax.grad(loss(grouped), argnums=(0, 1))(params, x))):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_pallas_depthwise_runs_per_device_and_sums_the_kernel_gradient():
+  """Under a mesh of 8 devices the Pallas depthwise conv runs once per device on its batch
+  shard (shard_map: XLA does not partition Mosaic kernels) with the kernel whole on every
+  device, and the kernel's gradient is the sum over all devices' images. The numbers are
+  checked through the same wrapper around XLA's grouped conv: Pallas's TPU interpreter
+  runs 8 simulated devices in lockstep, which aborts on a loaded 2-core host."""
+  mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 8, 8, 16))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (5, 5, 16))
+  loss = lambda conv: lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))
+
+  def grads(conv):
+    def run(x, kernel):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return jax.grad(loss(conv), argnums=(0, 1))(x, kernel)
+    return run
+
+  program = str(jax.make_jaxpr(grads(layers.pallas_depthwise_conv))(x, kernel))
+  assert "shard_map" in program and "s4eca_depthwise" in program
+  per_device = lambda x, kernel: layers._per_device(  # pylint: disable=protected-access
+      layers.grouped_depthwise_conv, x, kernel, replicated=1)
+  data = NamedSharding(mesh, P(("data", "fsdp")))
+  got = jax.jit(grads(per_device), in_shardings=(data, NamedSharding(mesh, P())))(x, kernel)
+  want = jax.grad(loss(layers.grouped_depthwise_conv), argnums=(0, 1))(x, kernel)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("size,use_bias", [(7, True), (4, False), (3, True)])
@@ -229,7 +270,7 @@ def test_depthwise_conv_accumulates_in_f32_at_bf16(conv):
 
 def test_depthwise_implementation_resolves_and_reaches_the_adapter():
   assert layers.resolve_depthwise("auto", "cpu") == "shifted"
-  assert layers.resolve_depthwise("auto", "tpu") == "grouped"
+  assert layers.resolve_depthwise("auto", "tpu") == "pallas"
   assert layers.resolve_depthwise("auto", "gpu") == "grouped"
   assert layers.resolve_depthwise("grouped", "tpu") == "grouped"
   with pytest.raises(ValueError, match="depthwise='conv'; use 'auto' or one of"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests import run_fixtures
-from s4eca_jax import aot, roofline
+from s4eca_jax import aot, kernel_profile, roofline
 from s4eca_jax.models import layers
 
 
@@ -65,6 +65,11 @@ def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   assert train["model_seconds"] >= train["flops"] / roofline.CHIPS["v5e"].bf16_flops
   timing = out.split("time by module", 1)[1].splitlines()[1:4]
   assert all(" ms " in line for line in timing), timing
+  # The adapters' depthwise kernels (3x3, 5x5, 7x7 branches) record themselves and are
+  # priced by the compiler's static profile, each compiled alone in a child process.
+  priced = re.search(r"static profile, each compiled alone: (\d+) of (\d+) recorded", out)
+  assert priced and priced.group(1) == priced.group(2) != "0", out
+  assert 0 < train["model_profiled_kernel_seconds"] < train["model_kernel_seconds"]
 
 
 HLO = """\
@@ -126,6 +131,17 @@ def test_time_by_source_reads_the_compilers_cycles_and_prices_kernels_at_their_r
       "forward decoder/attn/pallas_call" + roofline.KERNEL_ROOFLINE: 2e-3})
   with pytest.raises(ValueError, match="clock"):
     roofline.time_by_source(TIMED_HLO, roofline.CHIPS["H100"])
+  # A kernel priced by its static profile (kernel_profile.key: its name, which the HLO
+  # instruction's name contains, and its operand types): 750,000 cycles, 0.5 ms. Another
+  # kernel of the same name and other operands keeps its roofline.
+  priced = {kernel_profile.key("kernel", [((512, 512), "bfloat16")]): 750_000}
+  times = roofline.time_by_source(TIMED_HLO, chip, kernel_cycles=priced)
+  assert times["forward decoder/attn/pallas_call" + roofline.KERNEL_PROFILED] == pytest.approx(
+      0.5e-3)
+  assert roofline.kernel_seconds(times) == roofline.kernel_seconds(times, profiled=True)
+  other = {kernel_profile.key("kernel", [((512, 256), "bfloat16")]): 750_000}
+  assert roofline.kernel_seconds(roofline.time_by_source(
+      TIMED_HLO, chip, kernel_cycles=other), profiled=False) == pytest.approx(2e-3)
 
 
 def test_time_ranking_says_when_the_target_has_no_cycle_model():

@@ -148,17 +148,20 @@ def _jax_flash(q, k, v, q_segments, kv_segments, *, is_causal):
       causal=is_causal, sm_scale=1.0 / np.sqrt(q.shape[-1]), block_sizes=blocks)
 
 
-def _per_device(kernel, *args):
+def _per_device(kernel, *args, replicated: int = 0):
   """kernel(*args), one call per device on its batch shard when the step traces under a
-  mesh (jax.sharding.use_abstract_mesh): XLA does not partition Mosaic kernels."""
+  mesh (jax.sharding.use_abstract_mesh): XLA does not partition Mosaic kernels. The last
+  `replicated` args (weights) go whole to every device; their gradients are summed over
+  the devices."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return kernel(*args)
   if args[0].shape[0] % mesh.size:
-    raise ValueError(f"pallas attention: batch {args[0].shape[0]} is not divisible by the "
+    raise ValueError(f"pallas kernel: batch {args[0].shape[0]} is not divisible by the "
                      f"{mesh.size} devices of the mesh {dict(mesh.shape)}.")
   spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+  specs = (spec,) * (len(args) - replicated) + (jax.sharding.PartitionSpec(),) * replicated
+  return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=spec,
                        check_vma=False)(*args)
 
 
@@ -436,18 +439,19 @@ def _shifted_sum(x, kernel, before: int, after: int):
 
 def resolve_depthwise(name: str, backend: str) -> str:
   """config.model.visual_adapter.depthwise -> "shifted" (sums of shifted products, the
-  custom VJP below) or "grouped" (XLA's convolution with one group per channel).
+  custom VJP below), "grouped" (XLA's convolution with one group per channel) or "pallas"
+  (the Pallas TPU kernel of depthwise.py, on the vector unit).
 
   "auto" picks by backend (bench/RESULTS.md). GPU: grouped, cuDNN's depthwise kernels
   (rrsisd train step, batch 32, one H200: 406.9 images/s against 383.0 for shifted sums,
-  whose backward was 12.6 of 72.4 ms of device time in a profile). TPU: grouped (rrsisd,
-  v5e 2x2, compiled ahead of time: the adapters take 10.0 instead of 15.2 ms of the step
-  by the compiler's own per-op cycle estimates, 56.9 against 62.2 ms in all; the bytes
-  moved are about equal). CPU: shifted sums (the demo's step on 2 cores: no difference
-  beyond the noise).
+  whose backward was 12.6 of 72.4 ms of device time in a profile). TPU: pallas (rrsisd,
+  v5e 2x2, compiled ahead of time, by the compiler's cycle estimates: the three branch
+  convolutions of one adapter, forward and gradients, take 160 us against 365 us as
+  grouped convolutions, which XLA runs on the matrix unit: bench/depthwise_aot.py; the
+  shifted sums were slower still). CPU: shifted sums (the demo's step on 2 cores: no difference beyond the noise).
   """
   if name == "auto":
-    return "grouped" if backend in GPU_BACKENDS + ("tpu",) else "shifted"
+    return {"tpu": "pallas", "cpu": "shifted"}.get(backend, "grouped")
   if name not in DEPTHWISE_IMPLEMENTATIONS:
     raise ValueError(f"config.model.visual_adapter.depthwise={name!r}; use 'auto' or one of "
                      f"{DEPTHWISE_IMPLEMENTATIONS}.")
@@ -495,7 +499,19 @@ def _depthwise_bwd(residuals, grad):
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
-DEPTHWISE_CONVS = {"shifted": depthwise_conv, "grouped": grouped_depthwise_conv}
+def pallas_depthwise_conv(x, kernel):
+  """depthwise_conv by the Pallas TPU kernels of depthwise.py (the vector unit), one call
+  per device on its batch shard; heights that are not a multiple of depthwise's row step:
+  the grouped convolution."""
+  from s4eca_jax.models import depthwise  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
+
+  if not depthwise.supports(x.shape[1]):
+    return grouped_depthwise_conv(x, kernel)
+  return _per_device(depthwise.depthwise_conv, x, kernel, replicated=1)
+
+
+DEPTHWISE_CONVS = {"shifted": depthwise_conv, "grouped": grouped_depthwise_conv,
+                   "pallas": pallas_depthwise_conv}
 DEPTHWISE_IMPLEMENTATIONS = tuple(DEPTHWISE_CONVS)
 
 
