@@ -14,7 +14,8 @@ the kernels here instead:
    libtpu 0.0.42's profiler aborts on the flash kernels ("Expected vector-bf16packed, got
    vector-int16" at a matmul), so they keep their roofline, a lower bound;
 2. `cycles` compiles each recorded call alone, in a child process started with the
-   profiler on (`python -m s4eca_jax.kernel_profile`, JSON on stdin and stdout), and reads
+   profiler on (`python -m s4eca_jax.kernel_profile`: JSON on stdin, a line per kernel on
+   stdout, restarted after a kernel that aborts it), and reads
    the kernel's `estimated_cycles` from the compiled HLO;
 3. roofline.time_by_source matches a custom call of the step's HLO to a recorded call by
    kernel name and operand shapes, `key`.

@@ -144,6 +144,25 @@ def test_time_by_source_reads_the_compilers_cycles_and_prices_kernels_at_their_r
       TIMED_HLO, chip, kernel_cycles=other), profiled=False) == pytest.approx(2e-3)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install 's4eca-jax[tpu]'): no XLA "
+                    "TPU compiler on this host")
+def test_kernel_profile_prices_kernels_alone_and_survives_an_abort():
+  """The child compiles each call alone with libtpu's static profiler on and reports its
+  cycles. libtpu 0.0.42's profiler aborts the process on the flash forward kernel: that
+  kernel is reported as not priced, the child restarts, and the depthwise kernel after it
+  is priced."""
+  flash_call = ("s4eca_jax.models.flash", "_forward",
+                {"scale": 0.125, "causal": False, "heads": 2},
+                [((1, 128, 128), "bfloat16")] * 3 + [((1, 1, 128), "int32")])
+  depthwise_call = ("s4eca_jax.models.depthwise", "_conv", {"k": 3, "before": 1},
+                    [((2, 8, 8, 128), "bfloat16"), ((9, 1, 128), "float32")])
+  calls = {("flash", 0): flash_call, ("depthwise", 0): depthwise_call}
+  cycles, failures = kernel_profile.cycles("v5e:2x2", calls)
+  assert set(cycles) == {("depthwise", 0)} and cycles[("depthwise", 0)] > 0
+  assert len(failures) == 1 and failures[0].startswith("flash"), failures
+
+
 def test_time_ranking_says_when_the_target_has_no_cycle_model():
   """On CPU (or a GPU) there are no cycle estimates: --time_top says so instead of
   printing nothing, and the step time is left out."""
