@@ -42,7 +42,7 @@ def main():
   parser.add_argument("--sizes", default="3,5,7", help="kernel sizes")
   args = parser.parse_args()
   chip = roofline.CHIPS[args.chip]
-  device = aot.target_devices(f"{args.chip}:2x2")[0]
+  device = aot.target_devices({"v5e": "v5e-4", "v5p": "v5p-8"}[args.chip])[0]
   placed = jax.sharding.SingleDeviceSharding(device)
   x = jax.ShapeDtypeStruct((args.batch, args.grid, args.grid, args.channels), jnp.bfloat16,
                            sharding=placed)

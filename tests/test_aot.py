@@ -241,3 +241,20 @@ def test_attention_aot_script_compares_the_kernels():
         cwd=pathlib.Path(__file__).parents[1]).stdout
     moved[kernel] = float(re.search(r"XLA bytes accessed ([\d.]+) GB", out).group(1))
   assert 0 < moved["own"] < moved["jax"], moved
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install 's4eca-jax[tpu]'): no XLA "
+                    "TPU compiler on this host")
+def test_depthwise_aot_script_prices_both_convolutions():
+  """bench/depthwise_aot.py on a small 3x3 case: both convolutions compile for v5e and
+  are priced by the compiler (the kernel by its static profile, nothing at a roofline),
+  and the kernel on the vector unit takes fewer cycles than the grouped convolution."""
+  out = subprocess.run(
+      [sys.executable, "bench/depthwise_aot.py", "--sizes", "3", "--batch", "2", "--grid",
+       "16", "--channels", "128"], capture_output=True, text=True, check=True,
+      cwd=pathlib.Path(__file__).parents[1]).stdout
+  assert "NOT PRICED" not in out, out
+  times = {name: float(us) for name, us in re.findall(r"3x3 (\w+)\s+([\d.]+) us", out)}
+  assert set(times) == {"grouped", "pallas"}, out
+  assert 0 < times["pallas"] < times["grouped"], times
