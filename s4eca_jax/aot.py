@@ -314,7 +314,7 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
   if profile_kernels and topology != "local" and chip and chip.clock_hz and (
       kernel_profile.CALLS):
     start = time.time()
-    kernel_cycles, failures = kernel_profile.cycles(topology)
+    kernel_cycles, failures = kernel_profile.cycles(":".join(topology_shape(topology)))
     print(f"  Pallas kernels priced by the compiler's static profile, each compiled alone: "
           f"{len(kernel_cycles)} of {len(kernel_profile.CALLS)} recorded "
           f"({time.time() - start:.0f} s)" + "".join(f"; not priced: {f}" for f in failures))

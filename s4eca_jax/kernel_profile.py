@@ -85,9 +85,11 @@ def _child() -> None:
   call on stdout as soon as it is compiled (the profiler aborts the process on some
   kernels: the parent restarts it after the one that crashed)."""
   request = json.load(sys.stdin)
-  from s4eca_jax import aot  # pylint: disable=g-import-not-at-top  # after the env is set
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top  # libtpu only
 
-  device = aot.target_devices(request["topology"])[0]
+  device = topologies.get_topology_desc(
+      platform="tpu", topology_name=request["topology"], chip_config_name="default",
+      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices[0]
   for module, qualname, static, shapes in request["calls"]:
     try:
       found = _compile_one((module, qualname, static, shapes), device)
@@ -100,8 +102,8 @@ def _child() -> None:
 def cycles(topology: str, calls: dict | None = None, timeout_s: float = 900
            ) -> tuple[dict, list[str]]:
   """({key: estimated cycles}, [why a kernel was not priced]) for the recorded kernel calls
-  (default CALLS), each compiled alone for one chip of `topology` in a child process with
-  the static profiler on. Kernels it cannot price (an exception, or an abort of the child,
+  (default CALLS), each compiled alone for one chip of `topology` ("v5e:2x2", libtpu's
+  GEN:SHAPE) in a child process with the static profiler on. Kernels it cannot price (an exception, or an abort of the child,
   which is then restarted after that kernel) are left out: the caller falls back to their
   roofline."""
   calls = CALLS if calls is None else calls

@@ -13,7 +13,7 @@ sublanes. The k horizontal shifts of the image (a rotation of the sublanes, with
 columns that wrap around zeroed: the "SAME" padding) are written once into a VMEM scratch
 with zero rows above and below, so that every tap reads whole rows. Sums are in f32; the
 output has the input's dtype. The input gradient is the same kernel with the taps flipped
-and the padding mirrored; the kernel gradient is XLA's (`_depthwise_bwd`).
+and the padding mirrored; the kernel gradient is XLA's (layers.pallas_depthwise_conv).
 """
 
 from __future__ import annotations
@@ -86,38 +86,18 @@ def supports(height: int) -> bool:
   return height % _ROWS == 0
 
 
-@jax.custom_vjp
-def depthwise_conv(x, kernel):
+def depthwise_conv(x, kernel, *, flipped: bool = False):
   """Depthwise "SAME" convolution, stride 1, on one device's batch: x (B, H, W, C) with H a
   multiple of 4 (`supports`), kernel (k, k, C). f32 sums; the result has x's dtype.
-  Differentiable in x and kernel. On CPU: under pltpu.force_tpu_interpret_mode()."""
+  flipped: the kernel's taps reversed and the padding mirrored, the input gradient's
+  convolution. Not differentiable itself: layers.pallas_depthwise_conv is. On CPU: under
+  pltpu.force_tpu_interpret_mode()."""
   if not supports(x.shape[1]):
     raise ValueError(f"depthwise.depthwise_conv: height {x.shape[1]} is not a multiple of "
                      f"{_ROWS}; use layers.grouped_depthwise_conv.")
   k = kernel.shape[0]
-  return _conv(x, _taps(kernel), k, (k - 1) // 2)
-
-
-def _taps(kernel):
-  """(k, k, C) -> (k * k, 1, C) f32: one row of lanes per tap."""
-  return kernel.astype(jnp.float32).reshape(kernel.shape[0] * kernel.shape[1], 1, -1)
-
-
-def _depthwise_fwd(x, kernel):
-  return depthwise_conv(x, kernel), (x, kernel)
-
-
-def _depthwise_bwd(residuals, g):
-  """The input gradient: the same kernel with the taps flipped and the padding mirrored.
-  The kernel gradient: XLA's (the grouped convolution's weight gradient), one sum over
-  the batch and the pixels per tap; as a Pallas kernel it took 104,058 cycles at 7x7 by
-  the static profile, XLA's 37,700."""
-  x, kernel = residuals
-  k = kernel.shape[0]
-  grad_x = _conv(g.astype(x.dtype), _taps(kernel[::-1, ::-1]), k, k - 1 - (k - 1) // 2)
-  from s4eca_jax.models import layers  # pylint: disable=g-import-not-at-top  # layers imports this module lazily
-  weight_grad = jax.vjp(lambda w: layers.grouped_depthwise_conv(x, w), kernel.astype(x.dtype))[1]
-  return grad_x, weight_grad(g.astype(x.dtype))[0].astype(kernel.dtype)
-
-
-depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+  if flipped:
+    kernel = kernel[::-1, ::-1]
+  taps = kernel.astype(jnp.float32).reshape(k * k, 1, -1)  # one row of lanes per tap
+  before = (k - 1) // 2
+  return _conv(x, taps, k, k - 1 - before if flipped else before)

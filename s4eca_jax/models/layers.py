@@ -500,14 +500,40 @@ def _depthwise_bwd(residuals, grad):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 def pallas_depthwise_conv(x, kernel):
-  """depthwise_conv by the Pallas TPU kernels of depthwise.py (the vector unit), one call
+  """depthwise_conv by the Pallas TPU kernel of depthwise.py (the vector unit), one call
   per device on its batch shard; heights that are not a multiple of depthwise's row step:
   the grouped convolution."""
   from s4eca_jax.models import depthwise  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
 
   if not depthwise.supports(x.shape[1]):
     return grouped_depthwise_conv(x, kernel)
-  return _per_device(depthwise.depthwise_conv, x, kernel, replicated=1)
+  return _per_device(_pallas_depthwise, x, kernel, replicated=1)
+
+
+@jax.custom_vjp
+def _pallas_depthwise(x, kernel):
+  from s4eca_jax.models import depthwise  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
+
+  return depthwise.depthwise_conv(x, kernel)
+
+
+def _pallas_depthwise_fwd(x, kernel):
+  return _pallas_depthwise(x, kernel), (x, kernel)
+
+
+def _pallas_depthwise_bwd(residuals, grad):
+  """The input gradient: the kernel with its taps flipped. The kernel gradient: XLA's (the
+  grouped convolution's weight gradient, one sum over batch and pixels per tap); as a
+  Pallas kernel it took 104,058 cycles at 7x7 on v5e by the static profile, XLA's 37,700."""
+  from s4eca_jax.models import depthwise  # pylint: disable=g-import-not-at-top  # pallas is imported only where it runs
+
+  x, kernel = residuals
+  grad_x = depthwise.depthwise_conv(grad.astype(x.dtype), kernel, flipped=True)
+  weight_grad = jax.vjp(lambda w: grouped_depthwise_conv(x, w), kernel.astype(x.dtype))[1]
+  return grad_x, weight_grad(grad.astype(x.dtype))[0].astype(kernel.dtype)
+
+
+_pallas_depthwise.defvjp(_pallas_depthwise_fwd, _pallas_depthwise_bwd)
 
 
 DEPTHWISE_CONVS = {"shifted": depthwise_conv, "grouped": grouped_depthwise_conv,
