@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import subprocess
 import time
 from typing import Any
 
@@ -314,7 +315,10 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
   if profile_kernels and topology != "local" and chip and chip.clock_hz and (
       kernel_profile.CALLS):
     start = time.time()
-    kernel_cycles, failures = kernel_profile.cycles(":".join(topology_shape(topology)))
+    try:
+      kernel_cycles, failures = kernel_profile.cycles(":".join(topology_shape(topology)))
+    except (OSError, subprocess.SubprocessError, ValueError) as error:  # the child's output
+      kernel_cycles, failures = {}, [f"the profiling child failed: {error}"]
     print(f"  Pallas kernels priced by the compiler's static profile, each compiled alone: "
           f"{len(kernel_cycles)} of {len(kernel_profile.CALLS)} recorded "
           f"({time.time() - start:.0f} s)" + "".join(f"; not priced: {f}" for f in failures))
