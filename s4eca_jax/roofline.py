@@ -200,9 +200,10 @@ def _source(attributes: str, depth: int) -> str:
   return ("backward " if "transpose(" in path else "forward ") + "/".join(parts[:depth])
 
 
-def _top_level(hlo: str) -> tuple[dict, list[tuple[str, str, str, str]]]:
-  """Parses optimised HLO text: ({name: arrays of its result}, [(name, opcode, operands,
-  attributes)] of every instruction outside fused computations, in program order)."""
+def _top_level(hlo: str) -> tuple[dict, list[tuple[str, str, str, str, str]]]:
+  """Parses optimised HLO text: ({name: arrays of its result}, [(name, result type text,
+  opcode, operands, attributes)] of every instruction outside fused computations, in
+  program order)."""
   types, fused, computations = {}, set(), []
   for block in re.split(r"\n(?=\S)", hlo):
     lines = []
@@ -212,7 +213,7 @@ def _top_level(hlo: str) -> tuple[dict, list[tuple[str, str, str, str]]]:
         continue
       name, result, opcode, operands, attributes = match.groups()
       types[name] = _arrays(result)
-      lines.append((name, opcode, operands, attributes))
+      lines.append((name, result, opcode, operands, attributes))
       if opcode == "fusion":
         fused.update(re.findall(r"calls=%?([\w.\-]+)", attributes))
     head = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
@@ -241,7 +242,7 @@ def traffic_by_source(hlo: str, depth: int = 3, hbm_only: bool = False) -> dict[
   counted = lambda arrays: sum(size for size, _, on_chip in arrays
                                if not (hbm_only and on_chip))
   out: dict[str, float] = {}
-  for name, opcode, operands, attributes in instructions:
+  for name, _, opcode, operands, attributes in instructions:
     if opcode in _NO_TRAFFIC or opcode in ("copy-done", "slice-done"):  # at their start
       continue
     if opcode in ("copy-start", "slice-start"):  # async copy into another memory space
@@ -267,17 +268,6 @@ KERNEL_ROOFLINE = " [Pallas kernels: roofline of their cost estimates]"
 KERNEL_PROFILED = " [Pallas kernels: static profile, each compiled alone]"
 
 
-def _result_types(hlo: str) -> dict[str, str]:
-  """{instruction: its (first) result type without layout, "bf16[8,1029,768]"}."""
-  out = {}
-  for line in hlo.split("\n"):
-    match = _INSTRUCTION.match(line)
-    array = match and _ARRAY.search(match.group(2))
-    if array:
-      out[match.group(1)] = f"{array.group(1)}[{array.group(2)}]"
-  return out
-
-
 def time_by_source(hlo: str, chip: Chip, depth: int = 3,
                    kernel_cycles: dict | None = None) -> dict[str, float]:
   """Seconds each module path takes by XLA's TPU cost model, grouped like traffic_by_source.
@@ -294,9 +284,14 @@ def time_by_source(hlo: str, chip: Chip, depth: int = 3,
   """
   if not chip.clock_hz:
     raise ValueError("time_by_source needs the chip's clock (Chip.clock_hz)")
-  results = _result_types(hlo) if kernel_cycles else {}
+  instructions = _top_level(hlo)[1]
+  results = {}  # instruction -> its (first) result type without layout, "bf16[8,1029,768]"
+  for name, result, *_ in instructions if kernel_cycles else ():
+    array = _ARRAY.search(result)
+    if array:
+      results[name] = f"{array.group(1)}[{array.group(2)}]"
   out: dict[str, float] = {}
-  for name, opcode, operands, attributes in _top_level(hlo)[1]:
+  for name, _, opcode, operands, attributes in instructions:
     cycles = re.search(r'"estimated_cycles":"(\d+)"', attributes)
     if cycles:
       key, seconds = _source(attributes, depth), int(cycles.group(1)) / chip.clock_hz

@@ -394,15 +394,11 @@ class BandedConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (k, k, channels, self.features))
     before, after = _same_padding(k)
     # band[dx, v, w] = 1 where input column v = output column w + dx - before
-    band = np.zeros((k, width, width), np.float32)
-    for dx in range(k):
-      columns = np.arange(width)
-      inside = (columns + dx - before >= 0) & (columns + dx - before < width)
-      band[dx, columns[inside] + dx - before, columns[inside]] = 1.0
-    matrix = jnp.einsum("xvw,yxco->yvcwo", band, kernel)  # (k, W, C, W, F)
+    band = np.stack([np.eye(width, k=before - dx, dtype=np.float32) for dx in range(k)])
+    matrix = jnp.einsum("xvw,yxco->yvcwo", band, kernel).astype(self.dtype).reshape(
+        k, width * channels, width * self.features)  # (k, W * C, W * F)
     rows = jnp.pad(x.astype(self.dtype), ((0, 0), (before, after), (0, 0), (0, 0))).reshape(
         batch, height + k - 1, width * channels)
-    matrix = matrix.astype(self.dtype).reshape(k, width * channels, width * self.features)
     out = sum(jnp.dot(rows[:, dy:dy + height], matrix[dy], preferred_element_type=jnp.float32)
               for dy in range(k)).astype(self.dtype).reshape(batch, height, width, self.features)
     if self.use_bias:
@@ -448,7 +444,8 @@ def resolve_depthwise(name: str, backend: str) -> str:
   v5e 2x2, compiled ahead of time, by the compiler's cycle estimates: the three branch
   convolutions of one adapter, forward and gradients, take 160 us against 365 us as
   grouped convolutions, which XLA runs on the matrix unit: bench/depthwise_aot.py; the
-  shifted sums were slower still). CPU: shifted sums (the demo's step on 2 cores: no difference beyond the noise).
+  shifted sums were slower still). CPU: shifted sums (the demo's step on 2 cores: no
+  difference beyond the noise).
   """
   if name == "auto":
     return {"tpu": "pallas", "cpu": "shifted"}.get(backend, "grouped")
