@@ -22,7 +22,8 @@ shapes in the compiled HLO and says so. Bytes are reported twice: XLA's "bytes a
 (operands in any memory space, TPU VMEM included) and an HBM estimate from the optimised
 HLO's layouts (roofline.traffic_by_source(hbm_only=True)), each with its roofline. On v5e
 and v5p the tool also sums the compiler's own per-op cycle estimates (`estimated_cycles` in
-the optimised HLO) into a step time, Pallas kernels at their roofline
+the optimised HLO) into a step time, our Pallas kernels by the compiler's static profile
+of each compiled alone (kernel_profile), any it cannot price at their roofline
 (roofline.time_by_source; `--time_top N` ranks the module paths by it). The
 largest per-chip batch: `--fit=estimate` scales the temporaries linearly from this compile (one
 compile); `--fit=search` bisects on real compiles.
@@ -292,8 +293,8 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
         profile_kernels: bool = True) -> dict[str, Any]:
   """Compiles the steps, prints the table; returns its numbers. profile_kernels: on v5e
   and v5p, price the Pallas kernels that record themselves by the compiler's static
-  profile (kernel_profile: a child process, restarted after a kernel that aborts it; 28 s
-  for the rrsisd train step's six depthwise calls)."""
+  profile (kernel_profile: a child process, restarted after a kernel that aborts it; 97 s
+  for the rrsisd train step's six depthwise and six flash calls on this 2-core host)."""
   if topology != "local" and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # a CPU host compiling for TPU
   devices = target_devices(topology)
@@ -352,7 +353,7 @@ def define_flags() -> None:
                        "take the most time by XLA's per-op cost model (TPU v5e, v5p)")
   flags.DEFINE_bool("profile_kernels", True, "v5e, v5p: price the Pallas kernels that allow "
                     "it by the compiler's static profile, each compiled alone in a child "
-                    "process (tens of seconds); --noprofile_kernels: all at their roofline")
+                    "process (one to two minutes); --noprofile_kernels: all at their roofline")
 
 
 def main(argv) -> None:

@@ -10,9 +10,8 @@ the kernels here instead:
 
 1. a pallas_call site calls `record` as it is traced (the kernel's name, its function and
    static arguments, its array shapes), so compiling a step leaves a list of the kernel
-   calls it contains, per device. depthwise.py records its kernel. flash.py does not:
-   libtpu 0.0.42's profiler aborts on the flash kernels ("Expected vector-bf16packed, got
-   vector-int16" at a matmul), so they keep their roofline, a lower bound;
+   calls it contains, per device. depthwise.py and flash.py record their kernels (the
+   flash kernels per image: `record(per_image=True)`);
 2. `cycles` compiles each recorded call alone, in a child process started with the
    profiler on (`python -m s4eca_jax.kernel_profile`: JSON on stdin, a line per kernel on
    stdout, restarted after a kernel that aborts it), and reads
@@ -38,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 
-# (kernel name, operand shapes) -> (module, function, static kwargs, [(shape, dtype)])
-CALLS: dict[tuple, tuple[str, str, dict, list]] = {}
+# (kernel name, operand shapes) -> (module, function, static kwargs, [(shape, dtype)] to
+# compile, times to count the compiled call's cycles)
+CALLS: dict[tuple, tuple[str, str, dict, list, int]] = {}
 
 
 def _short(dtype) -> str:
@@ -54,18 +54,28 @@ def key(name: str, shapes) -> tuple:
   return (name, tuple(f"{_short(dtype)}[{','.join(map(str, shape))}]" for shape, dtype in shapes))
 
 
-def record(name: str, function, static: dict, *arrays) -> None:
+def record(name: str, function, static: dict, *arrays, per_image: bool = False) -> None:
   """Note a kernel call as it is traced: `function(*arrays, **static)` is importable and
-  issues exactly the one pallas_call named `name`."""
+  issues exactly the one pallas_call named `name`.
+
+  per_image: the kernel's grid runs over the leading (batch) axis of every array, one
+  independent image after another; it is compiled for one image and its cycles are
+  counted once per image. The profiler's time grows much faster than the grid (the flash
+  forward: 10 s for one image, over 800 s for two), and each image repeats the same
+  instructions; charging the per-image pipeline start once per image errs high."""
   shapes = [(tuple(a.shape), str(a.dtype)) for a in arrays]
-  CALLS[key(name, shapes)] = (function.__module__, function.__qualname__, dict(static), shapes)
+  compiled, times = shapes, 1
+  if per_image:
+    compiled, times = [((1,) + shape[1:], dtype) for shape, dtype in shapes], shapes[0][0][0]
+  CALLS[key(name, shapes)] = (function.__module__, function.__qualname__, dict(static),
+                              compiled, times)
 
 
 def _compile_one(entry, device) -> int | None:
   """The kernel's estimated cycles, compiled alone for `device` (in the profiling child)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  module, qualname, static, shapes = entry
+  module, qualname, static, shapes = entry[:4]
   function = importlib.import_module(module)
   for part in qualname.split("."):
     function = getattr(function, part)
@@ -93,11 +103,11 @@ def _child() -> None:
   device = topologies.get_topology_desc(
       platform="tpu", topology_name=request["topology"], chip_config_name="default",
       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices[0]
-  for module, qualname, static, shapes in request["calls"]:
+  for entry in request["calls"]:
     try:
-      found = _compile_one((module, qualname, static, shapes), device)
+      found = _compile_one(entry, device)
     except Exception as error:  # pylint: disable=broad-except  # reported, then roofline
-      print(f"kernel_profile: {qualname} {shapes}: {error}", file=sys.stderr)
+      print(f"kernel_profile: {entry[1]} {entry[3]}: {error}", file=sys.stderr)
       found = None
     print(_MARK + json.dumps(found), flush=True)
 
@@ -129,7 +139,7 @@ def cycles(topology: str, calls: dict | None = None, timeout_s: float = 900
             ).splitlines()[-1:]
         failures.append(f"{keys[len(found)][0]}: {reason[0] if reason else done.returncode}")
         found.append(None)
-  return {k: c for k, c in zip(keys, found) if c is not None}, failures
+  return {k: c * calls[k][4] for k, c in zip(keys, found) if c is not None}, failures
 
 
 if __name__ == "__main__":

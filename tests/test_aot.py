@@ -14,7 +14,7 @@ import pytest
 
 from tests import run_fixtures
 from s4eca_jax import aot, kernel_profile, roofline
-from s4eca_jax.models import layers
+from s4eca_jax.models import flash, layers
 
 
 def test_topology_names():
@@ -65,10 +65,17 @@ def test_tiny_train_step_compiles_for_v5e_2x2(capsys):
   assert train["model_seconds"] >= train["flops"] / roofline.CHIPS["v5e"].bf16_flops
   timing = out.split("time by module", 1)[1].splitlines()[1:4]
   assert all(" ms " in line for line in timing), timing
-  # The adapters' depthwise kernels (3x3, 5x5, 7x7 branches) record themselves and are
-  # priced by the compiler's static profile, each compiled alone in a child process.
+  # The adapters' depthwise kernels (3x3, 5x5, 7x7 branches, forward and input gradient)
+  # and the flash kernels record themselves; each is compiled alone in a child process
+  # with the static profiler on. The depthwise ones are priced. The tiny config's flash
+  # kernels (heads of 16 in a 32-lane block: matmuls over partial tiles) abort the
+  # profiler, are named as not priced and keep their roofline; the rrsisd ones (128-lane
+  # blocks) are priced (test_kernel_profile_prices_kernels_alone_and_survives_an_abort).
   priced = re.search(r"static profile, each compiled alone: (\d+) of (\d+) recorded", out)
-  assert priced and priced.group(1) == priced.group(2) != "0", out
+  not_priced = re.findall(r"; not priced: (\w+):", out)
+  assert priced and priced.group(1) == "6", out
+  assert int(priced.group(2)) == 6 + len(not_priced), out
+  assert set(not_priced) <= {"s4eca_flash_forward", "s4eca_flash_backward"}, out
   assert 0 < train["model_profiled_kernel_seconds"] < train["model_kernel_seconds"]
 
 
@@ -149,18 +156,28 @@ def test_time_by_source_reads_the_compilers_cycles_and_prices_kernels_at_their_r
                     "TPU compiler on this host")
 def test_kernel_profile_prices_kernels_alone_and_survives_an_abort():
   """The child compiles each call alone with libtpu's static profiler on and reports its
-  cycles. libtpu 0.0.42's profiler aborts the process on the flash forward kernel: that
-  kernel is reported as not priced, the child restarts, and the depthwise kernel after it
-  is priced."""
-  flash_call = ("s4eca_jax.models.flash", "_forward",
-                {"scale": 0.125, "causal": False, "heads": 2},
-                [((1, 128, 128), "bfloat16")] * 3 + [((1, 1, 128), "int32")])
+  cycles. The profiler aborts the process on a kernel with a bf16 select feeding a matmul
+  (tests/profiler_abort.py): that kernel is reported as not priced, the child restarts,
+  and the kernels after it are priced. A flash forward recorded per image (two images)
+  is compiled for one and counted twice."""
+  kernel_profile.CALLS.clear()
+  q = jnp.zeros((2, 128, 128), jnp.bfloat16)
+  valid = jnp.ones((2, 1, 128), jnp.int32)
+  jax.eval_shape(lambda q, valid: flash._forward(q, q, q, valid, 0.125, False, 2), q, valid)
+  (flash_key, flash_call), = kernel_profile.CALLS.items()
+  assert flash_call[3][0] == ((1, 128, 128), "bfloat16") and flash_call[4] == 2
+  one_image = flash_call[:4] + (1,)
+  aborts = ("tests.profiler_abort", "masked_gram", {}, [((128, 128), "bfloat16")], 1)
   depthwise_call = ("s4eca_jax.models.depthwise", "_conv", {"k": 3, "before": 1},
-                    [((2, 8, 8, 128), "bfloat16"), ((9, 1, 128), "float32")])
-  calls = {("flash", 0): flash_call, ("depthwise", 0): depthwise_call}
+                    [((2, 8, 8, 128), "bfloat16"), ((9, 1, 128), "float32")], 1)
+  calls = {("aborts", 0): aborts, ("depthwise", 0): depthwise_call, flash_key: flash_call,
+           ("one image", 0): one_image}
   cycles, failures = kernel_profile.cycles("v5e:2x2", calls)
-  assert set(cycles) == {("depthwise", 0)} and cycles[("depthwise", 0)] > 0
-  assert len(failures) == 1 and failures[0].startswith("flash"), failures
+  kernel_profile.CALLS.clear()
+  assert set(cycles) == {("depthwise", 0), flash_key, ("one image", 0)}, (cycles, failures)
+  assert cycles[("depthwise", 0)] > 0 and cycles[("one image", 0)] > 0
+  assert cycles[flash_key] == 2 * cycles[("one image", 0)]
+  assert len(failures) == 1 and failures[0].startswith("aborts"), failures
 
 
 def test_time_ranking_says_when_the_target_has_no_cycle_model():

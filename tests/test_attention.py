@@ -105,9 +105,9 @@ def test_pallas_gradients_match_xla(pallas_kernel):
 def test_flash_kernels_match_reference(causal, length, heads, head_dim):
   """flash.py on its own, token-major (B, T, heads * head_dim): 4 heads of 64 run as two
   blocks of 128 lanes, two heads each, over five blocks of 128 queries (at 600 the last one
-  runs 40 rows past the end); one head of 128 fills its block (200 queries, one step). Outputs and gradients of q,
+  runs 40 rows past the end); one head of 128 fills its block (200 queries, one step of 256). Outputs and gradients of q,
   k, v against autodiff of the plain reference, with a padded sentence."""
-  assert flash.block_q(length, length) == (128 if length > 512 else length)
+  assert flash.block_q(length, length) == (128 if length > 512 else 256)
   rng = np.random.default_rng(4)
   q, k, v = (jnp.asarray(rng.standard_normal((2, length, heads * head_dim)), jnp.float32)
              for _ in range(3))
@@ -138,7 +138,7 @@ def test_flash_block_width():
 
 
 def test_flash_query_blocks():
-  assert flash.block_q(22, 22) == 22  # one step, the whole sequence
+  assert flash.block_q(22, 22) == 128  # one step, the whole sequence and 106 rows past it
   assert flash.block_q(1029, 1029) == 384  # DINOv2 at 448: 3 blocks, 123 rows past the end
   assert flash.block_q(1024, 1024) == 512  # the decoder's 32 x 32 pixels
   assert flash.block_q(2048, 2048) == 256  # the scores tile stays within _SCORES_TILE

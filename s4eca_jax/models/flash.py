@@ -24,10 +24,13 @@ forward and input gradient) the compiler's cycle estimates give 2.24 ms this way
 heads-first.
 
 Sequences have any length: a block of keys is the whole sequence, and a last block of
-queries that runs past the end reads undefined rows, whose outputs are dropped and which
-the backward masks out of dK and dV. So DINOv2's 1,029 tokens need no padding to 1,152
-(with it, XLA padded q, k and v in HBM in every block, and the kernels computed 25% more
-scores). `key_valid` (B, Tk) masks keys (padding tokens); every query row must see at
+queries that runs past the end reads undefined rows, whose outputs are dropped. So
+DINOv2's 1,029 tokens need no padding to 1,152 in HBM (with it, XLA padded q, k and v in
+every block). Inside the kernels every matmul runs on whole 128-row tiles: the keys and
+values are copied into VMEM scratch padded with zeros (_pad_keys), and the backward copies
+the defined rows of the last block of queries into zeroed scratch. A bf16 matmul over a
+partial tile, or one fed by a select, becomes a masked matmul, and libtpu 0.0.42's static
+profiler (kernel_profile) aborts on those; this way both kernels are priced by it. `key_valid` (B, Tk) masks keys (padding tokens); every query row must see at
 least one valid key (the caller's `layers._attendable` ensures it).
 """
 
@@ -40,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from s4eca_jax import kernel_profile
 
 LANES = 128
 PALLAS_MAX_LENGTH = 2048  # longest key sequence one kernel step holds
@@ -84,12 +89,34 @@ def _head_lanes(width: int, head_dim: int):
 def _only(x, lanes):
   """x with the lanes of other heads zeroed: a matmul over the block's width then sums
   one head's dimensions (and writes only its lanes)."""
-  return x if lanes is None else jnp.where(lanes, x, 0).astype(x.dtype)
+  # Selected in f32: libtpu's static profiler aborts on a bf16 select that feeds a matmul
+  # ("Expected vector-bf16packed, got vector-int16").
+  return x if lanes is None else jnp.where(lanes, x.astype(jnp.float32), 0.0).astype(x.dtype)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scale, causal,
-                    block_q, head_dim):
-  q, k, v, valid = q_ref[...], k_ref[...], v_ref[...], valid_ref[...]
+def _pad_keys(k_ref, v_ref, valid_ref, k_pad, v_pad, keep):
+  """Copies this (batch, block of heads)'s keys and values into VMEM scratch of a multiple
+  of 128 rows, zeros after the last key, and its key mask into a (1, rows) f32 row (1 =
+  attend). Every matmul then contracts over whole 128-row tiles: a bf16 matmul over a
+  partial tile (1,029 keys) is one that libtpu's static profiler aborts on ("Expected
+  vector-f32, got vector-bf16packed" at vmatmul.msk), and the MXU takes a whole tile
+  either way. Runs once per (batch, block of heads): the first block of queries."""
+  k_len, rows = k_ref.shape[0], k_pad.shape[0]
+  k_pad[:k_len], v_pad[:k_len] = k_ref[...], v_ref[...]
+  if rows > k_len:
+    k_pad[k_len:] = jnp.zeros((rows - k_len, k_pad.shape[1]), k_pad.dtype)
+    v_pad[k_len:] = jnp.zeros((rows - k_len, v_pad.shape[1]), v_pad.dtype)
+  keep[...] = jnp.zeros(keep.shape, jnp.float32)
+  keep[:, :k_len] = (valid_ref[...] != 0).astype(jnp.float32)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, k_pad, v_pad, keep, *,
+                    scale, causal, block_q, head_dim):
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    _pad_keys(k_ref, v_ref, valid_ref, k_pad, v_pad, keep)
+
+  q, k, v, valid = q_ref[...], k_pad[...], v_pad[...], keep[...]
   o = jnp.zeros(q.shape, jnp.float32)
   for j, lanes in enumerate(_head_lanes(q.shape[-1], head_dim)):
     s = _scores(_only(q, lanes), k, valid, scale, causal, pl.program_id(2) * block_q)
@@ -102,51 +129,68 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, scale, ca
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, o_ref,
-                     dq_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, scale, causal, block_q,
-                     q_len, head_dim):
-  i = pl.program_id(2)
+                     dq_ref, dk_ref, dv_ref, k_pad, v_pad, keep, q_end, do_end, o_end,
+                     lse_end, dk_acc, dv_acc, *, scale, causal, block_q, q_len, head_dim):
+  i, last = pl.program_id(2), pl.num_programs(2) - 1
 
   @pl.when(i == 0)
   def _():
+    _pad_keys(k_ref, v_ref, valid_ref, k_pad, v_pad, keep)
     dk_acc[...] = jnp.zeros_like(dk_acc)
     dv_acc[...] = jnp.zeros_like(dv_acc)
 
-  q, k, v, do, valid = q_ref[...], k_ref[...], v_ref[...], do_ref[...], valid_ref[...]
-  o_do = o_ref[...].astype(jnp.float32) * do.astype(jnp.float32)
-  live = None
-  if q_len % block_q:  # the last block runs past the end: its extra rows are undefined
-    live = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0) < q_len
-    q, do = jnp.where(live, q, 0).astype(q.dtype), jnp.where(live, do, 0).astype(do.dtype)
-  dq = jnp.zeros(q.shape, jnp.float32)
-  for j, lanes in enumerate(_head_lanes(q.shape[-1], head_dim)):
-    q_j, do_j = _only(q, lanes), _only(do, lanes)
-    s = _scores(q_j, k, valid, scale, causal, i * block_q)
-    p = jnp.exp(s - _column(lse_ref[j]))  # (bq, Tk)
-    dp = jax.lax.dot_general(do_j, v, _NT, preferred_element_type=jnp.float32)
-    di = jnp.sum(_only(o_do, lanes), axis=1, keepdims=True)  # (bq, 1): dO.O of the head
-    ds = p * (dp - di)
-    if live is not None:  # undefined statistics and outputs too
-      p, ds = jnp.where(live, p, 0.0), jnp.where(live, ds, 0.0)
-    dv_acc[...] += jnp.dot(p.T.astype(do.dtype), do_j, preferred_element_type=jnp.float32)
-    dk_acc[...] += jnp.dot(ds.T.astype(q.dtype), q_j,
-                           preferred_element_type=jnp.float32) * scale
-    dq += jnp.dot(ds.astype(k.dtype), _only(k, lanes), preferred_element_type=jnp.float32)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  def step(q_ref, do_ref, o_ref, lse_ref):
+    q, k, v, do, valid = q_ref[...], k_pad[...], v_pad[...], do_ref[...], keep[...]
+    o_do = o_ref[...].astype(jnp.float32) * do.astype(jnp.float32)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for j, lanes in enumerate(_head_lanes(q.shape[-1], head_dim)):
+      q_j, do_j = _only(q, lanes), _only(do, lanes)
+      s = _scores(q_j, k, valid, scale, causal, i * block_q)
+      p = jnp.exp(s - _column(lse_ref[j]))  # (bq, Tk)
+      dp = jax.lax.dot_general(do_j, v, _NT, preferred_element_type=jnp.float32)
+      di = jnp.sum(_only(o_do, lanes), axis=1, keepdims=True)  # (bq, 1): dO.O of the head
+      ds = p * (dp - di)
+      dv_acc[...] += jnp.dot(p.T.astype(do.dtype), do_j, preferred_element_type=jnp.float32)
+      dk_acc[...] += jnp.dot(ds.T.astype(q.dtype), q_j,
+                             preferred_element_type=jnp.float32) * scale
+      dq += jnp.dot(ds.astype(k.dtype), _only(k, lanes), preferred_element_type=jnp.float32)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
-  @pl.when(i == pl.num_programs(2) - 1)
+  rows = q_len - (pl.cdiv(q_len, block_q) - 1) * block_q  # of the last block, in the array
+  if rows == block_q:
+    step(q_ref, do_ref, o_ref, lse_ref)
+  else:
+    pl.when(i < last)(lambda: step(q_ref, do_ref, o_ref, lse_ref))
+
+    @pl.when(i == last)
+    def _():
+      # The last block runs past the end: its other rows (and statistics) are undefined.
+      # Its defined rows go into zeroed scratch, so those rows add nothing to dK and dV
+      # (q and dO zero, statistics zero: finite). Copies, not a select on the row: a
+      # select feeding a matmul becomes a masked matmul, which the static profiler aborts on.
+      for end, ref in ((q_end, q_ref), (do_end, do_ref), (o_end, o_ref)):
+        end[...] = jnp.zeros(end.shape, end.dtype)
+        end[:rows] = ref[:rows]
+      lse_end[...] = jnp.zeros(lse_end.shape, lse_end.dtype)
+      lse_end[:, :, :rows] = lse_ref[:, :, :rows]
+      step(q_end, do_end, o_end, lse_end)
+
+  @pl.when(i == last)
   def _():
-    dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+    k_len = dk_ref.shape[0]
+    dk_ref[...] = dk_acc[:k_len].astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[:k_len].astype(dv_ref.dtype)
 
 
 def block_q(q_len: int, k_len: int) -> int:
-  """Queries per kernel step: all of them when they fit one step; else the multiple of 128
-  (up to 512, with at most _SCORES_TILE scores) that wastes the fewest rows past the end,
-  the longest of those. 1,029 tokens: 384 (123 rows past the end; 512 would waste 507)."""
+  """Queries per kernel step, a multiple of 128 (the backward contracts over them): all of
+  them, rounded up, when that fits one step; else the size up to 512, with at most
+  _SCORES_TILE scores, that wastes the fewest rows past the end, the longest of those.
+  1,029 tokens: 384 (123 rows past the end; 512 would waste 507)."""
   sizes = [b for b in range(LANES, _MAX_BLOCK_Q + 1, LANES) if b * k_len <= _SCORES_TILE]
   sizes = sizes or [LANES]
   if q_len <= sizes[-1]:
-    return q_len
+    return _padded(q_len)
   return min(sizes, key=lambda b: (-(-q_len // b) * b - q_len, -b))
 
 
@@ -172,6 +216,16 @@ def _plan(q, k, head_dim: int):
   return bq, (batch, width // lanes, pl.cdiv(q_len, bq)), (q_block, kv_block, valid, rows)
 
 
+def _padded(k_len: int) -> int:
+  return -(-k_len // LANES) * LANES
+
+
+def _key_scratch(k, lanes: int) -> list:
+  """VMEM for _pad_keys: keys, values (rows rounded up to 128), the key mask row."""
+  rows = _padded(k.shape[1])
+  return [pltpu.VMEM((rows, lanes), k.dtype)] * 2 + [pltpu.VMEM((1, rows), jnp.float32)]
+
+
 def _cost(q, k, heads: int, flops_per_score: int, arrays) -> pl.CostEstimate:
   """What a kernel costs, for XLA's cost analysis: FLOPs per (query, key) pair and
   dimension of a head (summed over heads: q's width), one exp per pair and head, and the
@@ -183,6 +237,9 @@ def _cost(q, k, heads: int, flops_per_score: int, arrays) -> pl.CostEstimate:
 
 
 def _forward(q, k, v, valid, scale, causal, heads):
+  kernel_profile.record("s4eca_flash_forward", _forward,
+                        dict(scale=scale, causal=causal, heads=heads), q, k, v, valid,
+                        per_image=True)
   head_dim = q.shape[2] // heads
   bq, grid, (q_block, kv_block, valid_block, rows) = _plan(q, k, head_dim)
   lse = jax.ShapeDtypeStruct((q.shape[0], heads, 1, q.shape[1]), jnp.float32)  # per row, head
@@ -192,13 +249,16 @@ def _forward(q, k, v, valid, scale, causal, heads):
                         head_dim=head_dim),
       grid=grid, in_specs=[q_block, kv_block, kv_block, valid_block],
       out_specs=[q_block, rows], out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel")),
+      scratch_shapes=_key_scratch(k, q_block.block_shape[-1]),
+      compiler_params=pltpu.CompilerParams(  # blocks of queries in order: the first pads
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=_cost(q, k, heads, 4, [q, k, v, valid] + out_shape), name="s4eca_flash_forward",
   )(q, k, v, valid)
 
 
 def _backward(q, k, v, valid, do, lse, o, scale, causal):
+  kernel_profile.record("s4eca_flash_backward", _backward, dict(scale=scale, causal=causal),
+                        q, k, v, valid, do, lse, o, per_image=True)
   heads = lse.shape[1]
   head_dim = q.shape[2] // heads
   bq, grid, (q_block, kv_block, valid_block, rows) = _plan(q, k, head_dim)
@@ -209,7 +269,9 @@ def _backward(q, k, v, valid, do, lse, o, scale, causal):
                         q_len=q.shape[1], head_dim=head_dim),
       grid=grid, in_specs=[q_block, kv_block, kv_block, valid_block, q_block, rows, q_block],
       out_specs=[q_block, kv_block, kv_block], out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((k.shape[1], lanes), jnp.float32)] * 2,
+      scratch_shapes=_key_scratch(k, lanes) + [pltpu.VMEM((bq, lanes), x.dtype) for x in (
+          q, do, o)] + [pltpu.VMEM(rows.block_shape[1:], jnp.float32)] + [
+          pltpu.VMEM((_padded(k.shape[1]), lanes), jnp.float32)] * 2,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       cost_estimate=_cost(q, k, heads, 10, [q, k, v, valid, do, lse, o] + out_shape),
