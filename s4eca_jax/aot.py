@@ -293,7 +293,7 @@ def run(config, topology: str, batch_size: int | None, fit: str = "estimate",
         profile_kernels: bool = True) -> dict[str, Any]:
   """Compiles the steps, prints the table; returns its numbers. profile_kernels: on v5e
   and v5p, price the Pallas kernels that record themselves by the compiler's static
-  profile (kernel_profile: a child process, restarted after a kernel that aborts it; 97 s
+  profile (kernel_profile: a child process, restarted after a kernel that aborts it; 76-97 s
   for the rrsisd train step's six depthwise and six flash calls on this 2-core host)."""
   if topology != "local" and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # a CPU host compiling for TPU

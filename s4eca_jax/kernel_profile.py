@@ -61,7 +61,7 @@ def record(name: str, function, static: dict, *arrays, per_image: bool = False) 
   per_image: the kernel's grid runs over the leading (batch) axis of every array, one
   independent image after another; it is compiled for one image and its cycles are
   counted once per image. The profiler's time grows much faster than the grid (the flash
-  forward: 10 s for one image, over 800 s for two), and each image repeats the same
+  forward: 10 s for one image, not done in 600 s for two), and each image repeats the same
   instructions; charging the per-image pipeline start once per image errs high."""
   shapes = [(tuple(a.shape), str(a.dtype)) for a in arrays]
   compiled, times = shapes, 1

@@ -30,7 +30,8 @@ every block). Inside the kernels every matmul runs on whole 128-row tiles: the k
 values are copied into VMEM scratch padded with zeros (_pad_keys), and the backward copies
 the defined rows of the last block of queries into zeroed scratch. A bf16 matmul over a
 partial tile, or one fed by a select, becomes a masked matmul, and libtpu 0.0.42's static
-profiler (kernel_profile) aborts on those; this way both kernels are priced by it. `key_valid` (B, Tk) masks keys (padding tokens); every query row must see at
+profiler (kernel_profile) aborts on those; this way both kernels are priced by it.
+`key_valid` (B, Tk) masks keys (padding tokens); every query row must see at
 least one valid key (the caller's `layers._attendable` ensures it).
 """
 
