@@ -103,13 +103,20 @@ def _pad_keys(k_ref, v_ref, valid_ref, k_pad, v_pad, keep):
   partial tile (1,029 keys) is one that libtpu's static profiler aborts on ("Expected
   vector-f32, got vector-bf16packed" at vmatmul.msk), and the MXU takes a whole tile
   either way. Runs once per (batch, block of heads): the first block of queries."""
-  k_len, rows = k_ref.shape[0], k_pad.shape[0]
-  k_pad[:k_len], v_pad[:k_len] = k_ref[...], v_ref[...]
-  if rows > k_len:
-    k_pad[k_len:] = jnp.zeros((rows - k_len, k_pad.shape[1]), k_pad.dtype)
-    v_pad[k_len:] = jnp.zeros((rows - k_len, v_pad.shape[1]), v_pad.dtype)
-  keep[...] = jnp.zeros(keep.shape, jnp.float32)
-  keep[:, :k_len] = (valid_ref[...] != 0).astype(jnp.float32)
+  _copy_and_zero_tail(k_pad, k_ref[...])
+  _copy_and_zero_tail(v_pad, v_ref[...])
+  _copy_and_zero_tail(keep, (valid_ref[...] != 0).astype(jnp.float32), axis=1)
+
+
+def _copy_and_zero_tail(scratch, value, axis: int = 0):
+  """scratch[:n] = value and zeros after it, along `axis` (n = value's length there)."""
+  n, rows = value.shape[axis], scratch.shape[axis]
+  head = (slice(None),) * axis + (slice(0, n),)
+  scratch[head] = value
+  if rows > n:
+    tail = (slice(None),) * axis + (slice(n, rows),)
+    shape = scratch.shape[:axis] + (rows - n,) + scratch.shape[axis + 1:]
+    scratch[tail] = jnp.zeros(shape, scratch.dtype)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, k_pad, v_pad, keep, *,
@@ -172,10 +179,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, o_ref,
       # (q and dO zero, statistics zero: finite). Copies, not a select on the row: a
       # select feeding a matmul becomes a masked matmul, which the static profiler aborts on.
       for end, ref in ((q_end, q_ref), (do_end, do_ref), (o_end, o_ref)):
-        end[...] = jnp.zeros(end.shape, end.dtype)
-        end[:rows] = ref[:rows]
-      lse_end[...] = jnp.zeros(lse_end.shape, lse_end.dtype)
-      lse_end[:, :, :rows] = lse_ref[:, :, :rows]
+        _copy_and_zero_tail(end, ref[:rows])
+      _copy_and_zero_tail(lse_end, lse_ref[:, :, :rows], axis=2)
       step(q_end, do_end, o_end, lse_end)
 
   @pl.when(i == last)
@@ -219,8 +224,9 @@ def _plan(q, k, head_dim: int):
   return bq, (batch, width // lanes, pl.cdiv(q_len, bq)), (q_block, kv_block, valid, rows)
 
 
-def _padded(k_len: int) -> int:
-  return -(-k_len // LANES) * LANES
+def _padded(n: int) -> int:
+  """n rounded up to a multiple of 128."""
+  return -(-n // LANES) * LANES
 
 
 def _key_scratch(k, lanes: int) -> list:
