@@ -20,8 +20,9 @@ them: no copy into a heads-first layout and back, and no lane padding (a heads-f
 takes a block of 128 lanes (block_width): with heads of 64, two heads, each computed over
 the whole block with the other head's lanes zeroed, which costs the 128-wide matrix unit
 no more passes than one head alone. For the rrsisd image block on v5e (8 images per chip,
-forward and input gradient) the compiler's cycle estimates give 2.24 ms this way, 2.76 ms
-heads-first.
+forward and input gradient) the compiler's cycle estimates gave 2.24 ms this way, 2.76 ms
+heads-first (XLA's ops by their estimates, both kernels at the roofline of their cost
+estimates; bench/RESULTS.md).
 
 Sequences have any length: a block of keys is the whole sequence, and a last block of
 queries that runs past the end reads undefined rows, whose outputs are dropped. So
