@@ -105,8 +105,9 @@ def test_pallas_gradients_match_xla(pallas_kernel):
 def test_flash_kernels_match_reference(causal, length, heads, head_dim):
   """flash.py on its own, token-major (B, T, heads * head_dim): 4 heads of 64 run as two
   blocks of 128 lanes, two heads each, over five blocks of 128 queries (at 600 the last one
-  runs 40 rows past the end); one head of 128 fills its block (200 queries, one step of 256). Outputs and gradients of q,
-  k, v against autodiff of the plain reference, with a padded sentence."""
+  runs 40 rows past the end); one head of 128 fills its block (200 queries, one step of
+  256). Outputs and gradients of q, k, v against autodiff of the plain reference, with a
+  padded sentence."""
   assert flash.block_q(length, length) == (128 if length > 512 else 256)
   rng = np.random.default_rng(4)
   q, k, v = (jnp.asarray(rng.standard_normal((2, length, heads * head_dim)), jnp.float32)

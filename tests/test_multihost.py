@@ -143,9 +143,14 @@ def test_two_processes_match_one(two_process, reference):
     assert evaluated[key] == pytest.approx(value, abs=1e-6), key
 
 
+def _data_states(workdir, step) -> dict[str, dict]:
+  """{file name: data iterator state} of each process in checkpoint `step`."""
+  data = workdir / "checkpoints" / str(step) / "data"
+  return {p.name: json.loads(p.read_text()) for p in data.glob("process_*.json")}
+
+
 def test_each_process_saves_its_data_position(two_process):
-  data = two_process / "checkpoints" / "3" / "data"
-  states = {p.name: json.loads(p.read_text()) for p in data.glob("process_*.json")}
+  states = _data_states(two_process, 3)
   assert sorted(states) == ["process_0-of-2.json", "process_1-of-2.json"]
   assert all(state["next_index"] == 3 for state in states.values())  # 3 batches taken
 
@@ -210,6 +215,5 @@ def test_sigterm_to_one_process_stops_both(tiny_dataset, tmp_path, cache_dir):
   # The checkpoint is whole: the state restores, and each process saved its data position.
   # (Resuming a two-process checkpoint is test_resume_on_another_mesh_continues_exactly's.)
   assert int(_params(workdir, steps[0])["step"]) == steps[0]
-  data = workdir / "checkpoints" / str(steps[0]) / "data"
-  assert sorted(p.name for p in data.glob("process_*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(_data_states(workdir, steps[0])) == ["process_0-of-2.json",
+                                                     "process_1-of-2.json"]
