@@ -8,9 +8,13 @@ and spatial conv) replaced by N(0, 0.5^2) noise, so the adapters are live. Runs 
 model, then bf16 compute with model.f32_residual on and off, and prints per run: logits
 max and mean |bf16 - f32| (absolute and as a fraction of the f32 logits' std), the share
 of pixels whose mask (logit > 0) agrees, and the relative error ||bf16 - f32|| / ||f32||
-of the image encoder's final tokens. --depth N keeps N blocks of each encoder (and the
-adapter, tap and text-adapter blocks that fit), to make the full width affordable on CPU.
-Run from the repository root.
+of the image encoder's final tokens. --grads also compares the gradients of the training
+loss (against random masks) with respect to the trainable params, f32 against bf16 with the
+f32 stream and each model.norm_residuals ("stream": autodiff of the norms keeps the f32
+stream; "compact": they keep their normed input in bf16): the relative error ||bf16 - f32||
+/ ||f32|| over all trainable params, and the median and largest of it per leaf. --depth N
+keeps N blocks of each encoder (and the adapter, tap and text-adapter blocks that fit), to
+make the full width affordable on CPU. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s4eca_jax import partition, run_setup
+from s4eca_jax import losses, partition, run_setup
 from s4eca_jax.models import s4eca
 
 
@@ -54,6 +58,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=1)
   parser.add_argument("--depth", type=int, default=0, help="> 0: encoder blocks kept")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--grads", action="store_true", help="also compare the gradients")
   args = parser.parse_args()
 
   config = run_setup.config_from_file(args.config)
@@ -94,6 +99,42 @@ def main():
                mask_agreement=np.mean((ours > 0) == (logits > 0)),
                tokens_rel_error=np.linalg.norm(our_tokens - tokens) / np.linalg.norm(tokens))
     print(f"bf16, f32_residual={f32_residual} ({seconds:.0f} s): "
+          + json.dumps({k: round(float(v), 5) for k, v in row.items()}), flush=True)
+  if args.grads:
+    compare_grads(config, params, batch, args.seed)
+
+
+def compare_grads(config, params, batch, seed):
+  """Gradients of the training loss for the trainable params: f32 against bf16 compute."""
+  trainable, frozen = partition.split(
+      params, partition.trainable_mask(params, config.trainable))
+  side = config.image_size
+  masks = jnp.asarray(np.random.default_rng(seed + 1).random((batch[0].shape[0], side, side))
+                      < 0.3, jnp.float32)
+
+  def grads(model):
+    def loss(t, frozen, masks, *batch):
+      out = model.apply({"params": partition.merge(t, frozen)}, *batch)
+      return losses.segmentation_loss(out["logits"], masks)[0]
+    start = time.time()  # everything an argument: closed-over arrays would be folded in
+    flat = partition.flatten(jax.jit(jax.grad(loss))(trainable, frozen, masks, *batch))
+    return {k: np.asarray(v, np.float64) for k, v in flat.items()}, time.time() - start
+
+  config.model.compute_dtype = "float32"
+  reference, seconds = grads(s4eca.build_model(config))
+  norm = lambda tree: np.sqrt(sum(float(np.sum(v**2)) for v in tree.values()))
+  print(f"f32 gradients: {len(reference)} trainable leaves, norm {norm(reference):.4g} "
+        f"({seconds:.0f} s)", flush=True)
+  config.model.compute_dtype, config.model.f32_residual = "bfloat16", True
+  for norm_residuals in ("stream", "compact"):
+    config.model.norm_residuals = norm_residuals
+    ours, seconds = grads(s4eca.build_model(config))
+    diff = {k: ours[k] - reference[k] for k in reference}
+    per_leaf = [np.linalg.norm(diff[k]) / np.linalg.norm(reference[k]) for k in reference
+                if np.linalg.norm(reference[k]) > 0]
+    row = dict(rel_error=norm(diff) / norm(reference), leaf_median=np.median(per_leaf),
+               leaf_max=np.max(per_leaf))
+    print(f"bf16 gradients, norm_residuals={norm_residuals} ({seconds:.0f} s): "
           + json.dumps({k: round(float(v), 5) for k, v in row.items()}), flush=True)
 
 

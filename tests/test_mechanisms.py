@@ -10,9 +10,11 @@ is skipped or rewired changes the numbers.
 
 import functools
 import math
+import re
 
 import flax
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -306,3 +308,49 @@ def test_normed_taps_go_through_the_final_norm():
   expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(normed, expected * norm["scale"] + norm["bias"], rtol=1e-4,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compact_layer_norm_is_flax_layer_norm_forward_and_backward(dtype):
+  """layers.LayerNorm (model.norm_residuals="compact"): nn.LayerNorm's output to the bit
+  on an f32 stream; its gradients those of autodiff, to f32 rounding at f32 and to the bf16
+  rounding of the saved normed input at bf16."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = 3.0 * jax.random.normal(keys[0], (2, 7, DIM)) + 1.5
+  params = {"scale": (1.0 + 0.3 * jax.random.normal(keys[1], (DIM,))).astype(dtype),
+            "bias": jax.random.normal(keys[2], (DIM,)).astype(dtype)}
+  weights = jax.random.normal(keys[3], (2, 7, DIM))
+  ours, flax_norm = layers.LayerNorm(1e-6, dtype=dtype), flax.linen.LayerNorm(1e-6, dtype=dtype)
+  np.testing.assert_array_equal(ours.apply({"params": params}, x),
+                                flax_norm.apply({"params": params}, x))
+  grads = lambda module: jax.grad(lambda p, x: jnp.sum(
+      module.apply({"params": p}, x).astype(jnp.float32) * weights), argnums=(0, 1))(params, x)
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  for got, want in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_norm))):
+    assert got.dtype == want.dtype
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tolerance,
+                               atol=tolerance * np.abs(want).max())
+
+
+@pytest.mark.parametrize("compact_norms", [False, True])
+def test_compact_norms_keep_no_f32_stream_for_the_backward(compact_norms, capsys):
+  """VisionTransformer(compact_norms=True) at bf16 compute: the backward keeps no f32 value
+  of the stream's shape (autodiff of nn.LayerNorm keeps several per norm); what it keeps of
+  that shape is bf16. Residuals from tracing alone (jax.ad_checkpoint)."""
+  encoder = vit.VisionTransformer(family="dinov2", width=16, depth=2, num_heads=2, mlp_dim=32,
+                                  patch_size=4, pretrain_grid=2, num_registers=1,
+                                  compact_norms=compact_norms, dtype=jnp.bfloat16)
+  images = jnp.ones((1, 8, 8, 3))
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                        layers.abstract_params(encoder, images))
+  # The input gradient flows back through both blocks' norms and the final norm.
+  loss = lambda images: jnp.sum(encoder.apply({"params": params}, images)["tokens"])
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, images)
+  stream = re.findall(r"^(\w+)\[1,6,16\]", capsys.readouterr().out, re.MULTILINE)
+  assert stream  # the blocks keep bf16 activations of that shape either way
+  if compact_norms:
+    assert set(stream) == {"bf16"}, stream
+  else:
+    assert "f32" in stream, stream

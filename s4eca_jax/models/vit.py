@@ -42,11 +42,13 @@ class VisionBlock(nn.Module):
   grid: tuple[int, int] = (1, 1)
   attention: str = "xla"
   fused_qkv: bool = False
+  compact_norms: bool = False  # layers.LayerNorm: the backward saves the normed input in dtype
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, adapter_context=None):
-    norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+    norm_cls = layers.LayerNorm if self.compact_norms else nn.LayerNorm
+    norm = lambda name: norm_cls(self.layer_norm_eps, dtype=self.dtype, name=name)
     scale = (lambda name: layers.LayerScale(name=name)) if self.layerscale else (
         lambda name: (lambda y: y))
     y = layers.MultiHeadAttention(self.num_heads, attention=self.attention,
@@ -85,6 +87,9 @@ class VisionTransformer(nn.Module):
   # The residual stream stays f32 while the blocks compute in `dtype`, as under PyTorch
   # autocast: a bf16 stream would be rounded at every residual addition.
   f32_residual: bool = True
+  # The norms over the stream (in the blocks, the final one) are layers.LayerNorm: same
+  # forward, and their backward keeps the normed input in `dtype` instead of the stream.
+  compact_norms: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -142,7 +147,8 @@ class VisionTransformer(nn.Module):
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
     x = x.astype(jnp.float32 if self.f32_residual else self.dtype)  # (B, T, D) the stream
 
-    final_norm = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="final_norm")
+    final_norm = (layers.LayerNorm if self.compact_norms else nn.LayerNorm)(
+        self.layer_norm_eps, dtype=self.dtype, name="final_norm")
     block_cls = layers.remat_block(VisionBlock, self.remat)
     tapped = {}
     for k in range(1, self.depth + 1):
@@ -153,7 +159,8 @@ class VisionTransformer(nn.Module):
           layer_norm_eps=self.layer_norm_eps, layerscale=not is_clip,
           adapter=self.adapter if with_adapter else None, adapter_scale=self.adapter_scale,
           num_prefix=self.num_prefix, grid=grid, attention=self.attention,
-          fused_qkv=self.fused_qkv, dtype=self.dtype, name=f"block_{k}",
+          fused_qkv=self.fused_qkv, compact_norms=self.compact_norms, dtype=self.dtype,
+          name=f"block_{k}",
       )(x, adapter_context)
       if k in taps:
         tapped[k] = final_norm(x) if norm_taps else x
