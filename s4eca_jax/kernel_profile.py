@@ -36,10 +36,22 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
-# (kernel name, operand shapes) -> (module, function, static kwargs, [(shape, dtype)] to
-# compile, times to count the compiled call's cycles)
-CALLS: dict[tuple, tuple[str, str, dict, list, int]] = {}
+
+class Call(NamedTuple):
+  """A recorded kernel call: `module.qualname(*arrays of shapes, **static)` issues it;
+  its compiled cycles count `times` in the step."""
+
+  module: str
+  qualname: str
+  static: dict
+  shapes: list  # [(shape, dtype name)] of the arrays it is compiled for
+  times: int
+
+
+# (kernel name, operand shapes) -> how to compile it alone
+CALLS: dict[tuple, Call] = {}
 
 
 def _short(dtype) -> str:
@@ -67,23 +79,23 @@ def record(name: str, function, static: dict, *arrays, per_image: bool = False) 
   compiled, times = shapes, 1
   if per_image:
     compiled, times = [((1,) + shape[1:], dtype) for shape, dtype in shapes], shapes[0][0][0]
-  CALLS[key(name, shapes)] = (function.__module__, function.__qualname__, dict(static),
-                              compiled, times)
+  CALLS[key(name, shapes)] = Call(function.__module__, function.__qualname__, dict(static),
+                                  compiled, times)
 
 
-def _compile_one(entry, device) -> int | None:
+def _compile_one(call: Call, device) -> int | None:
   """The kernel's estimated cycles, compiled alone for `device` (in the profiling child)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  module, qualname, static, shapes = entry[:4]
-  function = importlib.import_module(module)
-  for part in qualname.split("."):
+  function = importlib.import_module(call.module)
+  for part in call.qualname.split("."):
     function = getattr(function, part)
   mesh = jax.sharding.Mesh([device], ("device",))  # Pallas reads the chip from the mesh
   placed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  args = [jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=placed) for shape, dtype in shapes]
+  args = [jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=placed)
+          for shape, dtype in call.shapes]
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    lowered = jax.jit(lambda *a: function(*a, **static)).lower(*args)
+    lowered = jax.jit(lambda *a: function(*a, **call.static)).lower(*args)
   hlo = lowered.compile().as_text()
   found = [int(c) for c in re.findall(r'custom_call_target="tpu_custom_call".*?'
                                       r'"estimated_cycles":"(\d+)"', hlo)]
@@ -103,11 +115,11 @@ def _child() -> None:
   device = topologies.get_topology_desc(
       platform="tpu", topology_name=request["topology"], chip_config_name="default",
       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices[0]
-  for entry in request["calls"]:
+  for call in (Call(*entry) for entry in request["calls"]):  # JSON made the Calls lists
     try:
-      found = _compile_one(entry, device)
+      found = _compile_one(call, device)
     except Exception as error:  # pylint: disable=broad-except  # reported, then roofline
-      print(f"kernel_profile: {entry[1]} {entry[3]}: {error}", file=sys.stderr)
+      print(f"kernel_profile: {call.qualname} {call.shapes}: {error}", file=sys.stderr)
       found = None
     print(_MARK + json.dumps(found), flush=True)
 
@@ -139,7 +151,7 @@ def cycles(topology: str, calls: dict | None = None, timeout_s: float = 900
             ).splitlines()[-1:]
         failures.append(f"{keys[len(found)][0]}: {reason[0] if reason else done.returncode}")
         found.append(None)
-  return {k: c * calls[k][4] for k, c in zip(keys, found) if c is not None}, failures
+  return {k: c * calls[k].times for k, c in zip(keys, found) if c is not None}, failures
 
 
 if __name__ == "__main__":

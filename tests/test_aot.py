@@ -165,11 +165,13 @@ def test_kernel_profile_prices_kernels_alone_and_survives_an_abort():
   valid = jnp.ones((2, 1, 128), jnp.int32)
   jax.eval_shape(lambda q, valid: flash._forward(q, q, q, valid, 0.125, False, 2), q, valid)
   (flash_key, flash_call), = kernel_profile.CALLS.items()
-  assert flash_call[3][0] == ((1, 128, 128), "bfloat16") and flash_call[4] == 2
-  one_image = flash_call[:4] + (1,)
-  aborts = ("tests.profiler_abort", "masked_gram", {}, [((128, 128), "bfloat16")], 1)
-  depthwise_call = ("s4eca_jax.models.depthwise", "_conv", {"k": 3, "before": 1},
-                    [((2, 8, 8, 128), "bfloat16"), ((9, 1, 128), "float32")], 1)
+  assert flash_call.shapes[0] == ((1, 128, 128), "bfloat16") and flash_call.times == 2
+  one_image = flash_call._replace(times=1)
+  aborts = kernel_profile.Call("tests.profiler_abort", "masked_gram", {},
+                               [((128, 128), "bfloat16")], 1)
+  depthwise_call = kernel_profile.Call(
+      "s4eca_jax.models.depthwise", "_conv", {"k": 3, "before": 1},
+      [((2, 8, 8, 128), "bfloat16"), ((9, 1, 128), "float32")], 1)
   calls = {("aborts", 0): aborts, ("depthwise", 0): depthwise_call, flash_key: flash_call,
            ("one image", 0): one_image}
   cycles, failures = kernel_profile.cycles("v5e:2x2", calls)
