@@ -278,6 +278,7 @@ def _norm_statistics(x, epsilon: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _compact_layer_norm(x, scale, bias, epsilon: float, dtype):
+  # Without a gradient (evaluation) nothing is kept: no barrier, XLA fuses as it likes.
   centred, inv = _norm_statistics(x, epsilon)
   return (centred * (inv * scale) + bias).astype(dtype)
 
@@ -523,7 +524,7 @@ NORM_RESIDUALS = ("compact", "stream")
 
 
 def resolve_norm_residuals(name: str, backend: str, dtype) -> bool:
-  """config.model.norm_residuals -> whether the image encoder's norms are LayerNorm (below).
+  """config.model.norm_residuals -> whether the image encoder's norms are LayerNorm (above).
 
   "compact": LayerNorm, whose backward keeps the normed input in the compute dtype;
   "stream": nn.LayerNorm, whose autodiff keeps the f32 residual stream. "auto" is compact
