@@ -106,9 +106,10 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   config.donate_state = True  # the train step reuses the old state's buffers
   config.model.language_guidance = True  # False: no path from the expression to the output
   config.model.f32_residual = True  # encoders' residual stream in f32 at bf16 compute
-  # What the image encoder's norms over that stream keep for the backward: "compact" the
-  # normed input in the compute dtype (layers.LayerNorm, same forward), "stream" the f32
-  # stream (autodiff); "auto": compact on TPU at bf16, stream elsewhere.
+  # What the image encoder's norms over that stream keep for the backward: "stream" the f32
+  # stream (autodiff); "compact" the normed input in the compute dtype (layers.LayerNorm,
+  # same forward); "shared" compact where the norm's output feeds several ops anyway;
+  # "auto": shared on TPU at bf16, stream elsewhere.
   config.model.norm_residuals = "auto"
   config.model.textual_adapter = dict(
       enabled=True,  # False: proxies = Dense(sentence vector), one proxy

@@ -57,22 +57,22 @@ def test_frozen_dtype_auto_is_the_compute_dtype():
     run_setup.frozen_dtype(config, "cpu")
 
 
-def test_norm_residuals_auto_is_compact_on_tpu_at_bf16():
-  """model.norm_residuals: "auto" gives the image encoder compact norms (layers.LayerNorm)
-  on TPU at bf16 compute only; "compact" and "stream" hold on any backend."""
+def test_norm_residuals_auto_is_shared_on_tpu_at_bf16():
+  """model.norm_residuals: "auto" gives the image encoder "shared" compact norms
+  (layers.LayerNorm where the norm's output feeds several ops) on TPU at bf16 compute only;
+  "stream", "shared" and "compact" hold on any backend."""
   config = run_fixtures.config("rrsisd", "variant=tiny")
   assert config.model.norm_residuals == "auto"
-  compact = lambda backend: s4eca.build_model(config, backend).image_encoder.compact_norms
-  assert (compact("tpu"), compact("gpu"), compact("cpu")) == (True, False, False)
+  resolved = lambda backend: s4eca.build_model(config, backend).image_encoder.norm_residuals
+  assert (resolved("tpu"), resolved("gpu"), resolved("cpu")) == ("shared", "stream", "stream")
   config.model.compute_dtype = "float32"
-  assert not compact("tpu")
-  config.model.norm_residuals = "compact"
-  assert compact("cpu") and compact("tpu")
-  config.model.norm_residuals = "stream"
-  assert not compact("tpu")
+  assert resolved("tpu") == "stream"
+  for name in ("stream", "shared", "compact"):
+    config.model.norm_residuals = name
+    assert resolved("cpu") == resolved("tpu") == name
   config.model.norm_residuals = "bf16"
   with pytest.raises(ValueError, match="norm_residuals='bf16'; use 'auto'"):
-    compact("cpu")
+    resolved("cpu")
 
 
 def test_donation_switch():

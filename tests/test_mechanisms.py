@@ -333,24 +333,36 @@ def test_compact_layer_norm_is_flax_layer_norm_forward_and_backward(dtype):
                                atol=tolerance * np.abs(want).max())
 
 
-@pytest.mark.parametrize("compact_norms", [False, True])
-def test_compact_norms_keep_no_f32_stream_for_the_backward(compact_norms, capsys):
-  """VisionTransformer(compact_norms=True) at bf16 compute: the backward keeps no f32 value
-  of the stream's shape (autodiff of nn.LayerNorm keeps several per norm); what it keeps of
-  that shape is bf16. Residuals from tracing alone (jax.ad_checkpoint)."""
-  encoder = vit.VisionTransformer(family="dinov2", width=16, depth=2, num_heads=2, mlp_dim=32,
-                                  patch_size=4, pretrain_grid=2, num_registers=1,
-                                  compact_norms=compact_norms, dtype=jnp.bfloat16)
-  images = jnp.ones((1, 8, 8, 3))
-  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
-                        layers.abstract_params(encoder, images))
-  # The input gradient flows back through both blocks' norms and the final norm.
-  loss = lambda images: jnp.sum(encoder.apply({"params": params}, images)["tokens"])
-  capsys.readouterr()
-  jax.ad_checkpoint.print_saved_residuals(loss, images)
-  stream = re.findall(r"^(\w+)\[1,6,16\]", capsys.readouterr().out, re.MULTILINE)
-  assert stream  # the blocks keep bf16 activations of that shape either way
-  if compact_norms:
-    assert set(stream) == {"bf16"}, stream
-  else:
-    assert "f32" in stream, stream
+def test_norm_residuals_keep_the_f32_stream_only_where_asked(capsys):
+  """VisionTransformer(norm_residuals=...) at bf16 compute, counting what the backward
+  keeps of the stream's shape in f32: autodiff of nn.LayerNorm ("stream") keeps several
+  such arrays per norm; "shared" only for norm2 of a block without an adapter; "compact"
+  none, and a bf16 normed input for each of the seven norms instead. Residuals from
+  tracing alone (jax.ad_checkpoint)."""
+
+  class Adapter(flax.linen.Module):  # anything that reads norm2's output
+    @flax.linen.compact
+    def __call__(self, x, context, num_prefix, grid):
+      return flax.linen.Dense(x.shape[-1], dtype=x.dtype)(x)
+
+  counts = {}
+  for mode in layers.NORM_RESIDUALS:
+    encoder = vit.VisionTransformer(
+        family="dinov2", width=16, depth=3, num_heads=2, mlp_dim=32, patch_size=4,
+        pretrain_grid=2, num_registers=1, adapter=Adapter, adapter_blocks=(2,),
+        norm_residuals=mode, dtype=jnp.bfloat16)
+    images = jnp.ones((1, 8, 8, 3))
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                          layers.abstract_params(encoder, images))
+    # The input gradient flows back through every block's norms and the final norm.
+    loss = lambda images: jnp.sum(encoder.apply({"params": params}, images)["tokens"])
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, images)
+    stream = re.findall(r"^(\w+)\[1,6,16\]", capsys.readouterr().out, re.MULTILINE)
+    counts[mode] = stream.count("f32")
+    assert mode != "compact" or stream.count("bf16") >= 7, stream  # normed: 2 per block, 1
+  # Seven norms (two per block, the final one); "shared" keeps the f32 input of two of them,
+  # norm2 of blocks 1 and 3 (no adapter there), as many arrays each as under autodiff.
+  per_norm = counts["stream"] // 7
+  assert per_norm and counts["stream"] == 7 * per_norm, counts
+  assert counts["shared"] == 2 * per_norm and counts["compact"] == 0, counts

@@ -241,18 +241,20 @@ def test_one_step_updates_every_trainable_group_and_no_frozen_leaf(tiny, train_s
       np.testing.assert_array_equal(merged[path], leaf)
 
 
-def test_compact_norms_give_autodiffs_gradients(tiny):
-  """model.norm_residuals="compact" (the TPU default at bf16) through the whole model at
-  f32: the same logits to the bit and the same gradient for every trainable leaf as
-  autodiff of nn.LayerNorm, with every adapter live (zero leaves perturbed)."""
+@pytest.mark.parametrize("norm_residuals", ["shared", "compact"])
+def test_compact_norms_give_autodiffs_gradients(tiny, norm_residuals):
+  """model.norm_residuals="shared" (the TPU default at bf16) and "compact" through the whole
+  model at f32: the same logits to the bit and the same gradient for every trainable leaf
+  as autodiff of nn.LayerNorm, with every adapter live (zero leaves perturbed)."""
   config, model, params = tiny
   params = partition.perturb_zero_leaves(params, seed=5)
   trainable, frozen = partition.split(params, partition.trainable_mask(params, config.trainable))
   batch = _batch(config, seed=4)
   compact_config = config.copy_and_resolve_references()
-  compact_config.model.norm_residuals = "compact"
+  compact_config.model.norm_residuals = norm_residuals
   compact = s4eca.build_model(compact_config)
-  assert compact.image_encoder.compact_norms and not model.image_encoder.compact_norms
+  assert compact.image_encoder.norm_residuals == norm_residuals
+  assert model.image_encoder.norm_residuals == "stream"
 
   def grads(model):
     def loss(trainable):

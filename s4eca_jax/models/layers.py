@@ -520,26 +520,29 @@ def resolve_depthwise(name: str, backend: str) -> str:
   return name
 
 
-NORM_RESIDUALS = ("compact", "stream")
+NORM_RESIDUALS = ("stream", "shared", "compact")
 
 
-def resolve_norm_residuals(name: str, backend: str, dtype) -> bool:
-  """config.model.norm_residuals -> whether the image encoder's norms are LayerNorm (above).
+def resolve_norm_residuals(name: str, backend: str, dtype) -> str:
+  """config.model.norm_residuals -> which of the image encoder's norms over the f32 stream
+  are LayerNorm (above), whose backward keeps the normed input in the compute dtype, not
+  the stream: "stream" none (autodiff of nn.LayerNorm), "compact" all, "shared" those whose
+  output feeds several ops anyway (vit.VisionTransformer).
 
-  "compact": LayerNorm, whose backward keeps the normed input in the compute dtype;
-  "stream": nn.LayerNorm, whose autodiff keeps the f32 residual stream. "auto" is compact
-  on TPU at 16-bit compute (rrsisd, v5e 2x2, 8 per chip, compiled ahead of time: XLA's
-  bytes accessed 33.21 -> 28.51 GB per chip and step, temporaries 2.26 -> 2.00 GiB, the
-  HBM estimate 7.14 -> 6.15 GB, for +0.3 of 34.2 ms of XLA ops by the compiler's cycle
-  estimates: bench/RESULTS.md), stream elsewhere (at f32 the two keep the same bytes; on
-  GPU it is not measured).
+  "auto" is "shared" on TPU at 16-bit compute, "stream" elsewhere (at f32 both keep the same
+  bytes; GPU is not measured). rrsisd, v5e 2x2, 8 per chip, compiled ahead of time, against
+  "stream": "shared" 33.7 against 34.2 ms of XLA ops by the compiler's cycle estimates,
+  XLA's bytes accessed 30.02 against 33.21 GB per chip and step, the HBM estimate 5.95
+  against 7.14 GB, temporaries 2.06 against 2.26 GiB; "compact" 34.5 ms, 28.51 GB, 6.15 GB,
+  2.00 GiB. A norm whose output only feeds one matmul is fused into it; keeping its normed
+  input costs a pass of its own (bench/RESULTS.md).
   """
   if name == "auto":
-    return backend == "tpu" and jnp.dtype(dtype).itemsize == 2
+    return "shared" if backend == "tpu" and jnp.dtype(dtype).itemsize == 2 else "stream"
   if name not in NORM_RESIDUALS:
     raise ValueError(f"config.model.norm_residuals={name!r}; use 'auto' or one of "
                      f"{NORM_RESIDUALS}.")
-  return name == "compact"
+  return name
 
 
 def grouped_depthwise_conv(x, kernel):

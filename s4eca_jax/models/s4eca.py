@@ -118,8 +118,8 @@ def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -
       family=IMAGE_KINDS[image_cfg.kind], **_module_kwargs(image_cfg), adapter=visual_adapter,
       adapter_blocks=tuple(va.blocks), adapter_scale=va.scale, attention=attention,
       fused_qkv=fused_qkv, f32_residual=m.f32_residual,
-      compact_norms=layers.resolve_norm_residuals(m.get("norm_residuals", "auto"), backend,
-                                                  dtype),
+      norm_residuals=layers.resolve_norm_residuals(m.get("norm_residuals", "auto"), backend,
+                                                   dtype),
       dtype=dtype)
   text_encoder = TEXT_ENCODERS[text_cfg.kind](
       **_module_kwargs(text_cfg), attention=text_attention, fused_qkv=fused_qkv,

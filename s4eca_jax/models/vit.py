@@ -42,13 +42,16 @@ class VisionBlock(nn.Module):
   grid: tuple[int, int] = (1, 1)
   attention: str = "xla"
   fused_qkv: bool = False
-  compact_norms: bool = False  # layers.LayerNorm: the backward saves the normed input in dtype
+  norm_residuals: str = "stream"  # layers.NORM_RESIDUALS (VisionTransformer)
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, adapter_context=None):
-    norm_cls = layers.LayerNorm if self.compact_norms else nn.LayerNorm
-    norm = lambda name: norm_cls(self.layer_norm_eps, dtype=self.dtype, name=name)
+    compact = {"norm1": self.norm_residuals != "stream",
+               "norm2": self.norm_residuals == "compact" or (
+                   self.norm_residuals == "shared" and self.adapter is not None)}
+    norm = lambda name: (layers.LayerNorm if compact[name] else nn.LayerNorm)(
+        self.layer_norm_eps, dtype=self.dtype, name=name)
     scale = (lambda name: layers.LayerScale(name=name)) if self.layerscale else (
         lambda name: (lambda y: y))
     y = layers.MultiHeadAttention(self.num_heads, attention=self.attention,
@@ -87,14 +90,19 @@ class VisionTransformer(nn.Module):
   # The residual stream stays f32 while the blocks compute in `dtype`, as under PyTorch
   # autocast: a bf16 stream would be rounded at every residual addition.
   f32_residual: bool = True
-  # The norms over the stream (in the blocks, the final one) are layers.LayerNorm: same
-  # forward, and their backward keeps the normed input in `dtype` instead of the stream.
-  compact_norms: bool = False
+  # Which norms over the stream are layers.LayerNorm (same forward; the backward keeps the
+  # normed input in `dtype` instead of the stream): "stream" none, "compact" all, "shared"
+  # those whose output feeds several ops anyway (norm1: q, k and v; norm2 of a block with
+  # an adapter: its MLP and the adapter; the final norm).
+  norm_residuals: str = "stream"
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"family={self.family!r}; expected one of {FAMILIES}.")
+    if self.norm_residuals not in layers.NORM_RESIDUALS:
+      raise ValueError(f"norm_residuals={self.norm_residuals!r}; use one of "
+                       f"{layers.NORM_RESIDUALS}.")
     if self.family == "clip" and self.num_registers:
       raise ValueError("CLIP vision towers have no register tokens; set num_registers=0.")
     bad = [b for b in self.adapter_blocks if not 1 <= b <= self.depth]
@@ -147,7 +155,7 @@ class VisionTransformer(nn.Module):
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="pre_norm")(x)
     x = x.astype(jnp.float32 if self.f32_residual else self.dtype)  # (B, T, D) the stream
 
-    final_norm = (layers.LayerNorm if self.compact_norms else nn.LayerNorm)(
+    final_norm = (nn.LayerNorm if self.norm_residuals == "stream" else layers.LayerNorm)(
         self.layer_norm_eps, dtype=self.dtype, name="final_norm")
     block_cls = layers.remat_block(VisionBlock, self.remat)
     tapped = {}
@@ -159,7 +167,7 @@ class VisionTransformer(nn.Module):
           layer_norm_eps=self.layer_norm_eps, layerscale=not is_clip,
           adapter=self.adapter if with_adapter else None, adapter_scale=self.adapter_scale,
           num_prefix=self.num_prefix, grid=grid, attention=self.attention,
-          fused_qkv=self.fused_qkv, compact_norms=self.compact_norms, dtype=self.dtype,
+          fused_qkv=self.fused_qkv, norm_residuals=self.norm_residuals, dtype=self.dtype,
           name=f"block_{k}",
       )(x, adapter_context)
       if k in taps:
