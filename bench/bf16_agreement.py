@@ -11,10 +11,11 @@ of pixels whose mask (logit > 0) agrees, and the relative error ||bf16 - f32|| /
 of the image encoder's final tokens. --grads also compares the gradients of the training
 loss (against random masks) with respect to the trainable params, f32 against bf16 with the
 f32 stream and each model.norm_residuals ("stream": autodiff of the norms keeps the f32
-stream; "compact": they keep their normed input in bf16): the relative error ||bf16 - f32||
-/ ||f32|| over all trainable params, and the median and largest of it per leaf. --depth N
-keeps N blocks of each encoder (and the adapter, tap and text-adapter blocks that fit), to
-make the full width affordable on CPU. Run from the repository root.
+stream; "shared", "compact": some or all keep their normed input in bf16 instead): the
+relative error ||bf16 - f32|| / ||f32|| over all trainable params, and the median and
+largest of it per leaf. --depth N keeps N blocks of each encoder (and the adapter, tap and
+text-adapter blocks that fit), to make the full width affordable on CPU. Run from the
+repository root.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def compare_grads(config, params, batch, seed):
   print(f"f32 gradients: {len(reference)} trainable leaves, norm {norm(reference):.4g} "
         f"({seconds:.0f} s)", flush=True)
   config.model.compute_dtype, config.model.f32_residual = "bfloat16", True
-  for norm_residuals in ("stream", "compact"):
+  for norm_residuals in ("stream", "shared", "compact"):
     config.model.norm_residuals = norm_residuals
     ours, seconds = grads(s4eca.build_model(config))
     diff = {k: ours[k] - reference[k] for k in reference}
