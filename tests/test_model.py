@@ -257,11 +257,11 @@ def test_compact_norms_give_autodiffs_gradients(tiny, norm_residuals):
   assert model.image_encoder.norm_residuals == "stream"
 
   def grads(model):
-    def loss(trainable):
+    def loss(trainable, frozen, batch):  # arguments, not constants for XLA to fold
       out = model.apply({"params": partition.merge(trainable, frozen)}, batch["image"],
                         batch["input_ids"], batch["attention_mask"])
       return losses.segmentation_loss(out["logits"], batch["mask"])[0], out["logits"]
-    return jax.jit(jax.grad(loss, has_aux=True))(trainable)
+    return jax.jit(jax.grad(loss, has_aux=True))(trainable, frozen, batch)
 
   (ours, our_logits), (reference, logits) = grads(compact), grads(model)
   np.testing.assert_array_equal(our_logits, logits)
