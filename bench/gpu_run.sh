@@ -12,10 +12,11 @@
 #   levers    image-encoder remat dots_no_batch (the memory lever; frozen bf16 is the default)
 #   frozen_f32 (frozen weights in f32, the default before 2026-11-28), shifted (depthwise
 #             as shifted sums, the GPU default before 2026-11-28),
-#             bf16_residual (model.f32_residual=False), shared_norms
-#             (model.norm_residuals=shared: the image encoder's norms whose output feeds
-#             several ops keep their normed input in bf16 for the backward, the TPU
-#             default), fused_qkv, xla_attention: one lever each
+#             bf16_residual (model.f32_residual=False), compact_norms
+#             (model.norm_residuals=compact: the image encoder's norms keep their normed
+#             input in bf16 for the backward, the TPU default), shared_norms (=shared: only
+#             the norms whose output feeds several ops), fused_qkv, xla_attention: one
+#             lever each
 #   skeleton  bench --skeleton: our image encoder alone as the step's cost skeleton (no
 #             adapters, frozen, forward + input gradient), the work the probe times
 #   probe     the shared encoder-skeleton probe (bench/_probe/encoder_anchor.py, a
@@ -121,6 +122,7 @@ for step in "${@:-default skeleton probe levers}"; do
       frozen_f32) bench frozen_f32 --config.frozen_dtype=float32 ;;
       shifted) bench shifted --config.model.visual_adapter.depthwise=shifted ;;
       bf16_residual) bench bf16_residual --config.model.f32_residual=False ;;
+      compact_norms) bench compact_norms --config.model.norm_residuals=compact ;;
       shared_norms) bench shared_norms --config.model.norm_residuals=shared ;;
       fused_qkv) bench fused_qkv --config.model.fused_qkv=True ;;
       xla_attention) bench xla_attention --config.model.attention=xla ;;

@@ -109,7 +109,7 @@ def s4eca_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
   # What the image encoder's norms over that stream keep for the backward: "stream" the f32
   # stream (autodiff); "compact" the normed input in the compute dtype (layers.LayerNorm,
   # same forward); "shared" compact where the norm's output feeds several ops anyway;
-  # "auto": shared on TPU at bf16, stream elsewhere.
+  # "auto": compact on TPU at bf16, stream elsewhere.
   config.model.norm_residuals = "auto"
   config.model.textual_adapter = dict(
       enabled=True,  # False: proxies = Dense(sentence vector), one proxy

@@ -57,14 +57,14 @@ def test_frozen_dtype_auto_is_the_compute_dtype():
     run_setup.frozen_dtype(config, "cpu")
 
 
-def test_norm_residuals_auto_is_shared_on_tpu_at_bf16():
-  """model.norm_residuals: "auto" gives the image encoder "shared" compact norms
-  (layers.LayerNorm where the norm's output feeds several ops) on TPU at bf16 compute only;
-  "stream", "shared" and "compact" hold on any backend."""
+def test_norm_residuals_auto_is_compact_on_tpu_at_bf16():
+  """model.norm_residuals: "auto" gives the image encoder "compact" norms (layers.LayerNorm
+  for every norm over the stream) on TPU at bf16 compute only; "stream", "shared" and
+  "compact" hold on any backend."""
   config = run_fixtures.config("rrsisd", "variant=tiny")
   assert config.model.norm_residuals == "auto"
   resolved = lambda backend: s4eca.build_model(config, backend).image_encoder.norm_residuals
-  assert (resolved("tpu"), resolved("gpu"), resolved("cpu")) == ("shared", "stream", "stream")
+  assert (resolved("tpu"), resolved("gpu"), resolved("cpu")) == ("compact", "stream", "stream")
   config.model.compute_dtype = "float32"
   assert resolved("tpu") == "stream"
   for name in ("stream", "shared", "compact"):

@@ -243,7 +243,7 @@ def test_one_step_updates_every_trainable_group_and_no_frozen_leaf(tiny, train_s
 
 @pytest.mark.parametrize("norm_residuals", ["shared", "compact"])
 def test_compact_norms_give_autodiffs_gradients(tiny, norm_residuals):
-  """model.norm_residuals="shared" (the TPU default at bf16) and "compact" through the whole
+  """model.norm_residuals="compact" (the TPU default at bf16) and "shared" through the whole
   model at f32: the same logits to the bit and the same gradient for every trainable leaf
   as autodiff of nn.LayerNorm, with every adapter live (zero leaves perturbed)."""
   config, model, params = tiny

@@ -529,16 +529,17 @@ def resolve_norm_residuals(name: str, backend: str, dtype) -> str:
   the stream: "stream" none (autodiff of nn.LayerNorm), "compact" all, "shared" those whose
   output feeds several ops anyway (vit.VisionTransformer).
 
-  "auto" is "shared" on TPU at 16-bit compute, "stream" elsewhere (at f32 both keep the same
-  bytes; GPU is not measured). rrsisd, v5e 2x2, 8 per chip, compiled ahead of time, against
-  "stream": "shared" 33.7 against 34.2 ms of XLA ops by the compiler's cycle estimates,
-  XLA's bytes accessed 30.02 against 33.21 GB per chip and step, the HBM estimate 5.95
-  against 7.14 GB, temporaries 2.06 against 2.26 GiB; "compact" 34.5 ms, 28.51 GB, 6.15 GB,
-  2.00 GiB. A norm whose output only feeds one matmul is fused into it; keeping its normed
-  input costs a pass of its own (bench/RESULTS.md).
+  "auto" is "compact" on TPU at 16-bit compute, "stream" elsewhere (at f32 both keep the
+  same bytes; GPU is not measured). rrsisd, v5e 2x2, 8 per chip, compiled ahead of time:
+  "stream" 33.21 GB of XLA's bytes accessed per chip and step, 7.14 GB by the HBM estimate,
+  2.26 GiB of temporaries, 34.2 ms of XLA ops by the compiler's cycle estimates; "compact"
+  28.51 GB, 6.15 GB, 2.00 GiB, 34.5 ms; "shared" 30.02 GB, 5.95 GB, 2.06 GiB, 33.7 ms. A
+  norm whose output only feeds one matmul is fused into it, and keeping its normed input
+  costs a pass of its own: "shared" skips those, the fastest by the cycle estimates;
+  "compact" moves the fewest bytes (bench/RESULTS.md).
   """
   if name == "auto":
-    return "shared" if backend == "tpu" and jnp.dtype(dtype).itemsize == 2 else "stream"
+    return "compact" if backend == "tpu" and jnp.dtype(dtype).itemsize == 2 else "stream"
   if name not in NORM_RESIDUALS:
     raise ValueError(f"config.model.norm_residuals={name!r}; use 'auto' or one of "
                      f"{NORM_RESIDUALS}.")
