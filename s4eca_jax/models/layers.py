@@ -276,16 +276,20 @@ def _norm_statistics(x, epsilon: float):
   return x - mean, jax.lax.rsqrt(var + epsilon)
 
 
+def _layer_norm_output(centred, inv, scale, bias, dtype):
+  """nn.LayerNorm's output from _norm_statistics, in its order of operations."""
+  return (centred * (inv * scale) + bias).astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _compact_layer_norm(x, scale, bias, epsilon: float, dtype):
   # Without a gradient (evaluation) nothing is kept: no barrier, XLA fuses as it likes.
-  centred, inv = _norm_statistics(x, epsilon)
-  return (centred * (inv * scale) + bias).astype(dtype)
+  return _layer_norm_output(*_norm_statistics(x, epsilon), scale, bias, dtype)
 
 
 def _compact_layer_norm_fwd(x, scale, bias, epsilon, dtype):
   centred, inv = _norm_statistics(x, epsilon)
-  out = (centred * (inv * scale) + bias).astype(dtype)
+  out = _layer_norm_output(centred, inv, scale, bias, dtype)
   # The backward's only (B, T, D) residual: the normalised input in the compute dtype. The
   # barrier keeps XLA from fusing its computation into the backward's ops, which would
   # keep the f32 input alive until then instead.
